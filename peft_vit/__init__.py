@@ -1,0 +1,46 @@
+"""peft-vit: parameter-efficient fine-tuning of Vision Transformers on VTAB-1k and FGVC.
+
+Public API::
+
+    model = peft_vit.build_model(cfg)          # timm ViT + the method of cfg.method
+    peft_vit.count_parameters(model)           # trainable (with / without head), total
+    plain = peft_vit.merge(model)              # a plain timm ViT with the method folded in
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from .backbone import create_backbone
+from .methods import METHODS, count_parameters, get_method, merge
+
+__all__ = ["build_model", "count_parameters", "merge", "METHODS", "create_backbone"]
+__version__ = "0.1.0"
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def build_model(cfg: Mapping) -> nn.Module:
+    """Backbone from ``cfg.model`` with the method of ``cfg.method`` injected and its trainable
+    set marked. ``cfg`` is the composed Hydra config (or any mapping with ``model`` and
+    ``method``)."""
+    mcfg = _plain(cfg["model"])
+    kwargs = dict(
+        name=mcfg["name"], num_classes=int(mcfg["num_classes"]), pretrained=bool(mcfg.get("pretrained", True)),
+        checkpoint=mcfg.get("checkpoint"), drop_path_rate=float(mcfg.get("drop_path_rate", 0.0)),
+        img_size=int(mcfg.get("img_size", 224)), overrides=mcfg.get("overrides") or {},
+    )
+    model = create_backbone(**kwargs)
+    method_cfg = _plain(cfg["method"])
+    method = get_method(method_cfg.pop("name"), **method_cfg)
+    return method.apply(model)

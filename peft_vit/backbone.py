@@ -1,0 +1,108 @@
+"""The backbone: any timm ViT, built with ``timm.create_model`` and loaded through timm's own
+weight loading (HF hub when online, or a local .safetensors / .pth / .npz file)."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Dict, Optional
+from urllib.parse import urlparse
+
+import timm
+import torch.nn as nn
+
+HOW_TO_PASS_A_FILE = (
+    "pass a local weight file with model.checkpoint=/path/to/weights "
+    "(.safetensors, .pth or .npz, e.g. Google's ViT-B_16.npz for orig_in21k), "
+    "or train from random initialisation with model.pretrained=false"
+)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+def _hub_file(name: str):
+    """(repo_id, filename) timm would download for ``name``, or None."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by timm.create_model itself
+        return None
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        return None
+    return cfg.hf_hub_id, getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pretrained_source(name: str) -> Optional[Dict[str, Any]]:
+    """Decide where pretrained weights come from, failing in seconds when nothing can work.
+
+    Returns a ``pretrained_cfg_overlay`` (a cached file) or None (let timm use the hub).
+    """
+    hub = _hub_file(name)
+    if hub is None or _hub_reachable():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(*hub)
+    if isinstance(cached, str) and os.path.exists(cached):
+        return dict(file=cached)
+    raise PretrainedWeightsUnavailable(
+        f"pretrained weights for {name!r} are not in the local Hugging Face cache and the hub "
+        f"({hub[0]}) cannot be reached; {HOW_TO_PASS_A_FILE}")
+
+
+def checkpoint_overlay(path: str) -> Dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
+    suffix = p.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".npz"):
+        raise ValueError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
+    overlay: Dict[str, Any] = dict(file=str(p.resolve()))
+    if suffix == ".npz":  # Google's original JAX checkpoints: the ViT's own npz loader
+        overlay["custom_load"] = True
+    return overlay
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    checkpoint: Optional[str] = None,
+    drop_path_rate: float = 0.0,
+    img_size: int = 224,
+    overrides: Optional[Dict[str, Any]] = None,
+) -> nn.Module:
+    """A timm ViT with a fresh ``Linear(width, num_classes)`` head.
+
+    ``overrides`` go to ``timm.create_model`` (``patch_size``, ``depth``, ``embed_dim``,
+    ``num_heads`` … for tiny test models).
+    """
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                  img_size=img_size, **dict(overrides or {}))
+    if checkpoint:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=checkpoint_overlay(checkpoint), **kwargs)
+    if pretrained:
+        overlay = _pretrained_source(name)
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            if "offline" in str(e).lower() or "connection" in str(e).lower() or "hub" in str(e).lower():
+                raise PretrainedWeightsUnavailable(
+                    f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                    f"{HOW_TO_PASS_A_FILE}") from e
+            raise
+    return timm.create_model(name, pretrained=False, **kwargs)

@@ -1,0 +1,33 @@
+"""An in-memory image set: decoded and resized once, stored as uint8, normalised per item."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import normalization
+
+
+class InMemoryImages(Dataset):
+    """``images``: uint8 (N, 3, H, W), already at the model's resolution; ``labels``: int64 (N,).
+    ``flip``: random horizontal flip (p = 0.5) on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: str = "imagenet", flip: bool = False):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        mean, std = normalization(normalize)
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(3, 1, 1) * 255.0
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = (self.images[i].float() - self.mean) / self.std
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]

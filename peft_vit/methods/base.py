@@ -1,0 +1,364 @@
+"""The one shared mechanism every PEFT method uses: a registry, targeting, the trainable set,
+merging and counting.
+
+A method is a subclass of :class:`Method`, registered by name with :func:`register_method`.
+It touches the ViT only through two helpers:
+
+* :func:`adapt_linears` wraps a frozen ``nn.Linear`` in an :class:`AdaptedLinear` and attaches a
+  method-specific :class:`Delta` to the whole matrix or to one block of a fused one (timm's
+  ``attn.qkv`` is three 768-row blocks: q, k, v).
+* :func:`insert_after` places a new module after an existing one (adapters, SSF affines).
+
+Everything a method adds is a :class:`PeftModule`; after injection exactly those, plus the
+classifier head, are trainable (a method may widen that set, e.g. ``full``).
+
+Merging folds every :class:`AdaptedLinear` back into a plain ``nn.Linear`` (``W + ΔW``) and every
+inserted module into the module it follows, so a merged model is the backbone's own class with
+no extra modules.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter",
+    "register_method", "get_method", "adapt_linears", "insert_after", "merge",
+    "count_parameters", "NotMergeableError", "FUSED_BLOCKS",
+]
+
+METHODS: Dict[str, Type["Method"]] = {}
+
+# Names a target may use for the blocks of a fused projection. ``attn.qkv`` of timm's ViT holds
+# q, k and v stacked along the output dimension, in that order.
+FUSED_BLOCKS: Dict[str, Tuple[str, ...]] = {"qkv": ("q", "k", "v")}
+
+# Short target names -> (module-name suffix, block or None for the whole matrix).
+TARGET_ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
+    "qkv": ("attn.qkv", None),
+    "q": ("attn.qkv", "q"),
+    "k": ("attn.qkv", "k"),
+    "v": ("attn.qkv", "v"),
+    "o": ("attn.proj", None),
+    "fc1": ("mlp.fc1", None),
+    "fc2": ("mlp.fc2", None),
+}
+
+
+class NotMergeableError(RuntimeError):
+    pass
+
+
+class PeftModule(nn.Module):
+    """Marker base: every parameter of a PeftModule is a method parameter and trains."""
+
+
+class Delta(PeftModule):
+    """A method's update to one (block of a) frozen Linear.
+
+    Subclasses implement ``delta_weight`` (ΔW, shape (out, in)) and optionally ``delta_bias``;
+    ``forward`` returns the additive output ``x ΔWᵀ (+ Δb)`` and should be overridden with a
+    cheaper formulation that never forms ΔW. ``weight``/``bias`` are the frozen block's.
+    """
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        out = F.linear(x, self.delta_weight(weight).to(x.dtype))
+        db = self.delta_bias(bias)
+        return out if db is None else out + db.to(out.dtype)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus one :class:`Delta` per adapted block.
+
+    ``blocks`` maps a block name to its output rows ``(start, stop)``; the whole matrix is the
+    block ``"all"``. With ``weight_space=True`` the forward builds ``W + ΔW`` and runs one
+    matmul (cheaper for methods whose ΔW depends on W, such as RLRR); otherwise it adds the
+    deltas' outputs to the frozen output, which needs no weight gradient at all.
+    """
+
+    def __init__(self, base: nn.Linear, weight_space: bool = False):
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        self.deltas = nn.ModuleDict()
+        self.slices: Dict[str, Tuple[int, int]] = {}
+        self.weight_space = weight_space
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def add(self, block: str, rows: Tuple[int, int], delta: Delta) -> None:
+        if block in self.deltas:
+            raise ValueError(f"block {block!r} of this Linear is already adapted")
+        self.deltas[block] = delta
+        self.slices[block] = rows
+
+    def _block(self, name: str):
+        a, b = self.slices[name]
+        w = self.base.weight[a:b]
+        bias = None if self.base.bias is None else self.base.bias[a:b]
+        return a, b, w, bias
+
+    def merged_weight_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w = self.base.weight
+        b = self.base.bias
+        dw = torch.zeros_like(w)
+        db = None if b is None else torch.zeros_like(b)
+        for name, delta in self.deltas.items():
+            a, z, wb, bb = self._block(name)
+            dw[a:z] = delta.delta_weight(wb).to(w.dtype)
+            extra = delta.delta_bias(bb)
+            if extra is not None:
+                if db is None:
+                    db = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                db[a:z] = extra.to(w.dtype)
+        return w + dw, (b if db is None else (db if b is None else b + db))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_space:
+            w, b = self.merged_weight_bias()
+            return F.linear(x, w, b)
+        y = self.base(x)
+        if len(self.deltas) == 1 and "all" in self.deltas:
+            _, _, w, b = self._block("all")
+            return y + self.deltas["all"](x, w, b)
+        parts, pos = [], 0
+        for name in sorted(self.deltas, key=lambda n: self.slices[n][0]):
+            a, z, wb, bb = self._block(name)
+            if a > pos:
+                parts.append(y[..., pos:a])
+            parts.append(y[..., a:z] + self.deltas[name](x, wb, bb))
+            pos = z
+        if pos < y.shape[-1]:
+            parts.append(y[..., pos:])
+        return torch.cat(parts, dim=-1)
+
+    def merge(self) -> nn.Linear:
+        w, b = self.merged_weight_bias()
+        out = nn.Linear(self.in_features, self.out_features, bias=b is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if b is not None:
+                out.bias.copy_(b)
+        return out
+
+
+class InsertedAfter(nn.Module):
+    """``inserted(original(x))``: the result of :func:`insert_after`."""
+
+    def __init__(self, original: nn.Module, inserted: PeftModule):
+        super().__init__()
+        self.original = original
+        self.inserted = inserted
+
+    def forward(self, x):
+        return self.inserted(self.original(x))
+
+    def merge(self) -> nn.Module:
+        fold = getattr(self.inserted, "fold_into", None)
+        if fold is None:
+            raise NotMergeableError(
+                f"{type(self.inserted).__name__} is a sequential module with a non-linearity and "
+                "cannot be folded into the backbone's weights; keep the unmerged model")
+        return fold(self.original)
+
+
+# --------------------------------------------------------------------------- registry
+
+class Method:
+    """Base class of a PEFT method. A subclass sets ``name`` (via :func:`register_method`),
+    takes its config keys as constructor arguments and implements :meth:`inject`."""
+
+    name: str = ""
+    mergeable: bool = True
+
+    def inject(self, model: nn.Module) -> None:
+        """Modify ``model`` in place: wrap Linears, insert modules."""
+
+    def mark_trainable(self, model: nn.Module) -> None:
+        """Default trainable set: every PeftModule parameter plus the classifier head."""
+        model.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, PeftModule):
+                m.requires_grad_(True)
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if isinstance(head, nn.Module):
+            head.requires_grad_(True)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self.inject(model)
+        self.mark_trainable(model)
+        model.peft_method = self.name  # plain attribute, for records and merge checks
+        return model
+
+
+def register_method(name: str) -> Callable[[Type[Method]], Type[Method]]:
+    def deco(cls: Type[Method]) -> Type[Method]:
+        if name in METHODS:
+            raise KeyError(f"method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def get_method(name: str, **kwargs) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as e:
+        raise TypeError(f"method {name!r}: bad config keys ({e})") from e
+
+
+# --------------------------------------------------------------------------- targeting
+
+def _resolve_target(target: str) -> Tuple[str, Optional[str]]:
+    """'q' -> ('attn.qkv', 'q'); 'attn.proj' -> ('attn.proj', None); 'mlp.fc1' stays."""
+    return TARGET_ALIASES.get(target, (target, None))
+
+
+def _block_rows(linear: nn.Linear, module_name: str, block: Optional[str]) -> Tuple[str, Tuple[int, int]]:
+    if block is None:
+        return "all", (0, linear.out_features)
+    fused = FUSED_BLOCKS.get(module_name.rsplit(".", 1)[-1])
+    if fused is None or block not in fused:
+        raise ValueError(f"{module_name} has no block {block!r}")
+    n = len(fused)
+    if linear.out_features % n:
+        raise ValueError(f"{module_name}: {linear.out_features} rows do not split into {n} blocks")
+    size = linear.out_features // n
+    i = fused.index(block)
+    return block, (i * size, (i + 1) * size)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def adapt_linears(
+    model: nn.Module,
+    targets: Sequence[str],
+    make_delta: Callable[[str, str, int, int, int], Delta],
+    blocks: str = "blocks.*",
+    weight_space: bool = False,
+) -> List[str]:
+    """Attach a Delta to every Linear named by ``targets`` inside every module matching ``blocks``.
+
+    ``targets`` are short names (``q k v qkv o fc1 fc2``) or module-name suffixes
+    (``attn.proj``). ``make_delta(module_name, block, out_features, in_features, layer_index)``
+    builds one Delta. Returns the adapted ``module_name[:block]`` list, in order.
+    """
+    done: List[str] = []
+    names = dict(model.named_modules())
+    for target in targets:
+        suffix, block = _resolve_target(target)
+        matched = [
+            n for n, m in names.items()
+            if (n == suffix or n.endswith("." + suffix)) and fnmatch.fnmatch(n, f"{blocks}.{suffix}")
+        ]
+        if not matched:
+            raise ValueError(f"target {target!r} matches no module under {blocks!r}")
+        for n in matched:
+            mod = model.get_submodule(n)
+            if isinstance(mod, nn.Linear):
+                wrapped = AdaptedLinear(mod, weight_space=weight_space)
+                _set_submodule(model, n, wrapped)
+            elif isinstance(mod, AdaptedLinear):
+                wrapped = mod
+            else:
+                raise TypeError(f"target {n} is a {type(mod).__name__}, not a Linear")
+            bname, rows = _block_rows(wrapped.base, n, block)
+            layer = _layer_index(n)
+            wrapped.add(bname, rows, make_delta(n, bname, rows[1] - rows[0], wrapped.in_features, layer))
+            done.append(n if bname == "all" else f"{n}:{bname}")
+    return done
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "blocks" and b.isdigit():
+            return int(b)
+    return -1
+
+
+def insert_after(model: nn.Module, name: str, module: PeftModule) -> InsertedAfter:
+    """Replace submodule ``name`` by ``module(original(x))``."""
+    original = model.get_submodule(name)
+    wrapped = InsertedAfter(original, module)
+    _set_submodule(model, name, wrapped)
+    return wrapped
+
+
+# --------------------------------------------------------------------------- merge / counts
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every method module into plain weights, in place; returns the model.
+
+    The result has the backbone's class and no extra modules. Raises NotMergeableError for
+    methods that cannot be folded (sequential adapters with a non-linearity).
+    """
+    todo = [(n, m) for n, m in model.named_modules() if isinstance(m, (AdaptedLinear, InsertedAfter))]
+    # Outermost first would re-visit children; merge deepest first so inner wrappers are folded
+    # before an outer one reads them.
+    for n, m in sorted(todo, key=lambda t: -t[0].count(".")):
+        _set_submodule(model, n, m.merge())
+    # Modules a method swapped in without parameters (e.g. RLRR's residual dropout) name the
+    # plain module that replaces them at inference via ``merged_replacement()``.
+    for n, m in list(model.named_modules()):
+        plain = getattr(m, "merged_replacement", None)
+        if callable(plain) and n:
+            _set_submodule(model, n, plain())
+    leftovers = [n for n, m in model.named_modules() if isinstance(m, PeftModule)]
+    if leftovers:
+        raise NotMergeableError(f"modules left after merge: {leftovers[:5]}")
+    if hasattr(model, "peft_method"):
+        del model.peft_method
+    model.requires_grad_(False)
+    return model
+
+
+def _head_params(model: nn.Module) -> Iterable[nn.Parameter]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """``trainable_params`` (incl. head), ``trainable_params_no_head`` and ``total_params``."""
+    head_ids = {id(p) for p in _head_params(model)}
+    seen = set()
+    total = trainable = trainable_head = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            if id(p) in head_ids:
+                trainable_head += p.numel()
+    return {
+        "trainable_params": trainable,
+        "trainable_params_no_head": trainable - trainable_head,
+        "total_params": total,
+    }
