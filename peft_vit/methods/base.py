@@ -201,10 +201,15 @@ class Method:
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
 
+    def report(self, model: nn.Module, out_dir) -> dict:
+        """Called once at the end of a run: method diagnostics for results.json (under the
+        method's name); may also save plots into ``out_dir``. Default: nothing."""
+        return {}
+
     def apply(self, model: nn.Module) -> nn.Module:
         self.inject(model)
         self.mark_trainable(model)
-        model.peft_method = self.name  # plain attribute, for records and merge checks
+        model.peft_method = self  # plain attribute (not a submodule): the loop asks it for report()
         return model
 
 
