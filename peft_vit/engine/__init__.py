@@ -1,0 +1,1 @@
+"""Training engine: the loop (loop.py), processes (distributed.py), resumable state (checkpoint.py)."""

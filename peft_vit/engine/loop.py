@@ -1,0 +1,320 @@
+"""The training loop, top to bottom: config -> model -> data -> train/eval -> results.json.
+
+Protocols (named in every output):
+  tune   fit train800,       report val200 (``val_acc``)
+  final  fit train800val200, report test   (``test_acc``)
+The reported accuracy is the last epoch's. ``best_acc_over_epochs`` (the maximum over evaluated
+epochs, what most papers report) is recorded too, labelled with the split it selects on.
+
+Resumable: a checkpoint is saved every ``trainer.checkpoint_every`` epochs and when the process
+is told to stop (SIGTERM, or submitit's SIGUSR2); a re-launch with the same output dir continues
+from it and ends bit-identical on CPU. Batches and augmentations are functions of
+(seed, epoch, position), so a resumed run and a DDP run see the same images as a plain run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Sampler
+
+from .. import build_model, count_parameters
+from ..data import SeededAugment, build_datasets
+from ..record import RESULTS, RunLogger, git_commit, versions, write_json_atomic
+from . import checkpoint, distributed
+
+log = logging.getLogger("peft_vit")
+CHECKPOINT = "checkpoint.pt"
+
+
+class GlobalBatchSampler(Sampler[List]):
+    """Batches of a global size ``batch_size`` from a per-epoch permutation seeded with
+    (seed, epoch); rank r of w takes its contiguous share of each global batch. Items are
+    ``(index, augmentation seed)`` pairs for :class:`SeededAugment`."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, drop_last: bool = True):
+        if batch_size % world:
+            raise ValueError(f"trainer.batch_size={batch_size} is not divisible by {world} processes")
+        if drop_last and n < batch_size:
+            raise ValueError(f"{n} training images < trainer.batch_size={batch_size} with drop_last")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.drop_last = drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[List]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        aug = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        for b in range(self.start, len(self)):
+            batch = list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n)))
+            share = math.ceil(len(batch) / self.world)
+            mine = batch[self.rank * share:(self.rank + 1) * share]
+            yield [(perm[i], aug[i]) for i in mine]
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next step boundary, then hands
+    the signal to whoever had it before (submitit requeues the job on SIGUSR2) or exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def forward(self) -> None:
+        signum, prev = self.signum, self.previous.get(self.signum)
+        self.restore()
+        if callable(prev):  # e.g. submitit: checkpoint() + requeue, then exit
+            prev(signum, None)
+            self.signum = None
+            return
+        raise SystemExit(128 + signum)
+
+
+def _hydra_context(cfg: DictConfig):
+    """(output dir, experiment preset name, sweep name) from Hydra's runtime config."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return Path(cfg.get("output_dir") or "."), None, None
+    sweep = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    return Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep
+
+
+def _precision(pref: str, device: torch.device) -> Optional[torch.dtype]:
+    if pref == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[pref]
+
+
+def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases, norms and other 1-d tensors."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_weight_decay(model, weight_decay=ocfg.weight_decay, no_weight_decay_list=skip)
+    if ocfg.name != "adamw":
+        raise ValueError(f"optim.name={ocfg.name!r}: only adamw is implemented")
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+                             fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist, amp: Optional[torch.dtype]) -> float:
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=d.device)
+    for x, y in loader:
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = model(x).argmax(-1)
+        correct[0] += (pred == y).sum()
+        correct[1] += y.numel()
+    distributed.all_reduce_sum(correct, d)
+    return 100.0 * (correct[0] / correct[1]).item()
+
+
+def run(cfg: DictConfig) -> Dict:
+    t_start = time.time()
+    out_dir, experiment, sweep = _hydra_context(cfg)
+    result_path = out_dir / RESULTS
+    if cfg.skip_done and result_path.exists():
+        log.info("skip_done: %s exists, nothing to do", result_path)
+        print(f"[peft-vit] skip: {result_path} already exists (skip_done=true)")
+        import json
+
+        return json.loads(result_path.read_text())
+
+    tcfg, ocfg = cfg.trainer, cfg.optim
+    d = distributed.init(tcfg.device)
+    torch.manual_seed(cfg.seed)
+    amp = _precision(tcfg.precision, d.device)
+
+    # ---- model
+    model = build_model(cfg).to(d.device)
+    method = getattr(model, "peft_method", None)
+    counts = count_parameters(model)
+
+    # ---- data
+    data = build_datasets(cfg)
+    sampler = GlobalBatchSampler(len(data.train), tcfg.batch_size, cfg.seed, d.rank, d.world_size, tcfg.drop_last)
+    # loaders draw their seeds from their own generators, never from the global RNG (which
+    # drives dropout and must resume exactly); augmentation is seeded per item by the sampler
+    loader_kw = dict(num_workers=tcfg.num_workers, pin_memory=d.device.type == "cuda",
+                     persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    train_loader = DataLoader(SeededAugment(data.train), batch_sampler=sampler, **loader_kw)
+    eval_idx = list(range(d.rank, len(data.eval), d.world_size))
+    eval_loader = DataLoader(torch.utils.data.Subset(data.eval, eval_idx), batch_size=tcfg.eval_batch_size,
+                             shuffle=False, **loader_kw)
+
+    # ---- optimisation: per-iteration linear warm-up then cosine (timm)
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = build_optimizer(model, ocfg, d.device)
+    steps_per_epoch = len(sampler)
+    scheduler = CosineLRScheduler(optimizer, t_initial=tcfg.epochs * steps_per_epoch, lr_min=ocfg.min_lr,
+                                  warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr,
+                                  t_in_epochs=False)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing, reduction="sum")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if d.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    # ---- resume
+    ckpt_path = out_dir / CHECKPOINT
+    start_epoch, start_step, history, train_time, images_seen = 0, 0, [], 0.0, 0
+    if ckpt_path.exists():
+        state = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start_epoch, start_step = state["epoch"], state["step"]
+        history, train_time, images_seen = (state["extra"].get(k) for k in ("history", "train_time", "images_seen"))
+        if d.is_main:
+            print(f"[peft-vit] resumed from {ckpt_path} at epoch {start_epoch}, step {start_step}")
+
+    def save_checkpoint(epoch: int, step: int) -> None:
+        if d.is_main:
+            checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            epoch=epoch, step=step,
+                            extra=dict(history=history, train_time=train_time, images_seen=images_seen))
+        distributed.barrier(d)
+
+    # ---- logging (rank 0 only)
+    run_cfg = OmegaConf.to_container(cfg, resolve=True)
+    eval_key = "val_acc" if cfg.protocol == "tune" else "test_acc"
+    label = f"{cfg.protocol}: fit {data.train_split}, eval {data.eval_split}"
+    logger = RunLogger(cfg.logger, run_cfg, out_dir, name=f"{cfg.method.name}/{cfg.dataset.task}/s{cfg.seed}",
+                       group=sweep, tags=[cfg.method.name, cfg.dataset.task, cfg.protocol]) \
+        if d.is_main else RunLogger({"name": "none"}, {}, out_dir, "", None, [])
+    logger.summary({**counts, "protocol": cfg.protocol})
+    if d.is_main:
+        print(f"[peft-vit] {cfg.method.name} on {cfg.dataset.name}/{cfg.dataset.task} | protocol {label} | "
+              f"trainable {counts['trainable_params']:,} ({counts['trainable_params_no_head']:,} without head) "
+              f"of {counts['total_params']:,} | {d.world_size} process(es) on {d.device}")
+
+    # ---- train
+    stop = StopSignal()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_step,
+               disable=not (tcfg.progress and d.is_main), dynamic_ncols=True, desc=cfg.method.name,
+               mininterval=0.2 if sys.stderr.isatty() else 30.0)
+    try:
+        for epoch in range(start_epoch, tcfg.epochs):
+            net.train()
+            sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+            t0 = time.time()
+            for step, (x, y) in enumerate(train_loader, start=sampler.start):
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                global_n = min(tcfg.batch_size, len(data.train) - step * tcfg.batch_size)
+                with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    # sum over the local share / global batch, times world (DDP averages grads):
+                    # the gradient of the global batch mean, whatever the process count
+                    loss = criterion(net(x), y) * (d.world_size / global_n)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if tcfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                gstep = epoch * steps_per_epoch + step + 1
+                scheduler.step_update(gstep)
+                images_seen += global_n
+                loss_value = loss.item() / d.world_size
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if gstep % 10 == 0:
+                    logger.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
+                                "epoch": epoch}, step=gstep)
+                if stop.signum is not None:
+                    train_time += time.time() - t0
+                    save_checkpoint(epoch, step + 1)
+                    print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step + 1}")
+                    stop.forward()
+                    t0 = time.time()
+            train_time += time.time() - t0
+            last = epoch + 1 == tcfg.epochs
+            if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
+                acc = evaluate(net, eval_loader, d, amp)
+                history.append({"epoch": epoch + 1, "acc": acc})
+                logger.log({f"eval/{eval_key}": acc, "epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch)
+                bar.write(f"[peft-vit] epoch {epoch + 1}: {data.eval_split} acc {acc:.2f}%  [{cfg.protocol}]")
+            if not last and tcfg.checkpoint_every and (epoch + 1) % tcfg.checkpoint_every == 0:
+                save_checkpoint(epoch + 1, 0)
+    finally:
+        bar.close()
+        stop.restore()
+
+    # ---- record
+    best = max(history, key=lambda h: h["acc"])
+    peak_mb = (torch.cuda.max_memory_allocated(d.device) / 2**20 if d.device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    record = {
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "task": cfg.dataset.task,
+        "protocol": cfg.protocol, "seed": cfg.seed,
+        "train_split": data.train_split, "eval_split": data.eval_split,
+        eval_key: history[-1]["acc"],
+        "accuracy_is": f"last epoch ({history[-1]['epoch']}), {data.eval_split} split",
+        "best_acc_over_epochs": best["acc"], "best_epoch": best["epoch"],
+        "best_acc_selects_on": data.eval_split,
+        "epochs": tcfg.epochs, "history": history,
+        **counts,
+        "wall_time_s": round(time.time() - t_start, 2),
+        "train_images_per_s": round(images_seen / max(train_time, 1e-9), 2),
+        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_kind": "cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
+        "world_size": d.world_size, "device": str(d.device),
+        "experiment": experiment, "sweep": sweep,
+        "git_commit": git_commit(), "versions": versions(),
+        "config": run_cfg,
+    }
+    if method is not None and d.is_main:
+        diag = method.report(model, out_dir)
+        if diag:
+            record[cfg.method.name] = diag
+    if d.is_main:
+        write_json_atomic(result_path, record)  # before anything that could still fail
+        ckpt_path.unlink(missing_ok=True)
+        print(f"[peft-vit] {label} | {eval_key} {record[eval_key]:.2f}% (last epoch) | best over epochs "
+              f"{best['acc']:.2f}% at epoch {best['epoch']} (selects on {data.eval_split}) | "
+              f"trainable params {counts['trainable_params']:,} ({counts['trainable_params_no_head']:,} without head)"
+              f" | {record['wall_time_s']:.0f}s -> {result_path}")
+        logger.summary({eval_key: record[eval_key], "best_acc_over_epochs": best["acc"],
+                        "best_epoch": best["epoch"], "train_images_per_s": record["train_images_per_s"],
+                        "peak_memory_mb": record["peak_memory_mb"]})
+    logger.finish()
+    distributed.shutdown(d)
+    sys.stdout.flush()
+    return record
