@@ -27,8 +27,14 @@ def compose(*overrides: str):
     """The composed Hydra config, as `python train.py <overrides>` would see it."""
     from hydra import compose as hcompose, initialize_config_dir
 
+    from hydra.core.hydra_config import HydraConfig
+
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hcompose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        cfg = hcompose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    if cfg.hydra.runtime.cwd is None:
+        cfg.hydra.runtime.cwd = str(REPO)
+    HydraConfig.instance().set_config(cfg)  # as during a run: ${hydra:...} interpolations resolve
+    return cfg
 
 
 def method_cfg(name: str, **kwargs):

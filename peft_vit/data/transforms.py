@@ -1,16 +1,116 @@
-"""Image transforms shared by every source."""
+"""Image transforms shared by every source.
+
+Images are decoded with PIL, converted to RGB whatever their mode (:func:`to_rgb`), geometrically
+transformed on the PIL image (so resizing matches NOAH/VPT, which resize PIL images), turned into
+uint8 tensors (3, H, W) and normalised last (:class:`Normalize`), so one normalisation serves both
+the in-memory training sets and the streamed test sets.
+
+- VTAB-1k (SPEC §3): resize straight to ``img_size`` x ``img_size``, bicubic, no crop.
+- FGVC (SPEC §4): train = random-resized-crop + flip (HTA) or resize + random crop + flip
+  (RLRR/VPT); test = resize the short side to ``img_size * 256 / 224``, centre crop.
+"""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
 
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # NOAH, FacT, ARC
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # RLRR; Google's ViT preprocessing
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+FGVC_TRAIN_CROPS = ("random_resized", "resize_crop")
 
 
 def normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     if name not in NORMALIZATIONS:
         raise ValueError(f"dataset.normalize={name!r}; choose one of {', '.join(NORMALIZATIONS)}")
     return NORMALIZATIONS[name]
+
+
+class Normalize:
+    """uint8 (3, H, W) -> float32 ``(x / 255 - mean) / std``."""
+
+    def __init__(self, name: str):
+        mean, std = normalization(name)
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(3, 1, 1) * 255.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def interpolation(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={name!r}; choose one of {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit greyscale (I;16*, I, F) is rescaled to 8 bit rather than
+    clipped (PIL's own conversion clips at 255, which turns most of a 16-bit image white);
+    everything else (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV) goes through PIL's
+    ``convert("RGB")``, as torchvision's loader does (alpha is dropped, palettes expanded,
+    greyscale tiled to three channels)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ResizeSquare:
+    """VTAB-1k: resize straight to (size, size), no crop (aspect ratio not kept)."""
+
+    def __init__(self, size: int, interp: str = "bicubic"):
+        self.size, self.interp = int(size), interpolation(interp)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.size == (self.size, self.size):
+            return img
+        return img.resize((self.size, self.size), self.interp)
+
+    def __repr__(self):
+        return f"ResizeSquare({self.size})"
+
+
+def fgvc_resize_size(img_size: int) -> int:
+    """The short side before the crop: 256 for 224 (VPT: 224->256, 384->438, 448->512)."""
+    return int(img_size * 256 / 224)
+
+
+def fgvc_train_transform(img_size: int, crop: str = "random_resized", interp: str = "bilinear",
+                         flip: bool = True) -> Callable:
+    """FGVC training: ``random_resized`` = RandomResizedCrop(img_size) + flip (HTA);
+    ``resize_crop`` = Resize(short side 256/224 * img_size) + RandomCrop(img_size) + flip (RLRR, VPT).
+    Random draws use torch's global RNG (seeded per item by the loop's ``SeededAugment``)."""
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(interp)
+    if crop == "random_resized":
+        ops = [T.RandomResizedCrop(img_size, interpolation=mode)]
+    elif crop == "resize_crop":
+        ops = [T.Resize(fgvc_resize_size(img_size), interpolation=mode), T.RandomCrop(img_size)]
+    else:
+        raise ValueError(f"dataset.train_crop={crop!r}; choose one of {', '.join(FGVC_TRAIN_CROPS)}")
+    return T.Compose(ops + ([T.RandomHorizontalFlip()] if flip else []))
+
+
+def fgvc_eval_transform(img_size: int, interp: str = "bilinear") -> Callable:
+    """FGVC test: resize the short side to 256/224 * img_size, centre crop img_size."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(fgvc_resize_size(img_size), interpolation=T.InterpolationMode(interp)),
+                      T.CenterCrop(img_size)])

@@ -35,6 +35,7 @@ from . import checkpoint, distributed
 
 log = logging.getLogger("peft_vit")
 CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "trainable.safetensors"
 
 
 class GlobalBatchSampler(Sampler[List]):
@@ -305,6 +306,10 @@ def run(cfg: DictConfig) -> Dict:
         if diag:
             record[cfg.method.name] = diag
     if d.is_main:
+        if tcfg.save_weights:  # the trained parameters, for scripts/export_merged.py
+            from safetensors.torch import save_file
+
+            save_file(checkpoint.trainable_state(model), str(out_dir / WEIGHTS))
         write_json_atomic(result_path, record)  # before anything that could still fail
         ckpt_path.unlink(missing_ok=True)
         print(f"[peft-vit] {label} | {eval_key} {record[eval_key]:.2f}% (last epoch) | best over epochs "

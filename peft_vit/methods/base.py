@@ -8,6 +8,10 @@ It touches the ViT only through two helpers:
   method-specific :class:`Delta` to the whole matrix or to one block of a fused one (timm's
   ``attn.qkv`` is three 768-row blocks: q, k, v).
 * :func:`insert_after` places a new module after an existing one (adapters, SSF affines).
+* :func:`insert_parallel` adds a new module's output to an existing module's output, reading
+  that module's input or the input of an earlier module (AdaptFormer-style parallel adapters).
+* :func:`replace_module` swaps a parameter-free module (a dropout, a drop-path) for another one
+  that names its inference-time replacement via ``merged_replacement()``.
 
 Everything a method adds is a :class:`PeftModule`; after injection exactly those, plus the
 classifier head, are trainable (a method may widen that set, e.g. ``full``).
@@ -26,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter",
-    "register_method", "get_method", "adapt_linears", "insert_after", "merge",
+    "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter", "InsertedParallel",
+    "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
+    "replace_module", "merge",
     "count_parameters", "NotMergeableError", "FUSED_BLOCKS",
 ]
 
@@ -179,6 +184,50 @@ class InsertedAfter(nn.Module):
         return fold(self.original)
 
 
+class InputTap(nn.Module):
+    """``original(x)``, remembering ``x`` for one :class:`InsertedParallel` that runs later in
+    the same forward (the result of ``insert_parallel(..., input_of=name)``)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self._x: Optional[torch.Tensor] = None
+
+    def forward(self, x, *args, **kwargs):
+        self._x = x
+        return self.original(x, *args, **kwargs)
+
+    def take(self) -> Optional[torch.Tensor]:
+        x, self._x = self._x, None
+        return x
+
+    def merge(self) -> nn.Module:
+        return self.original
+
+
+class InsertedParallel(nn.Module):
+    """``original(x) + inserted(s)``: the result of :func:`insert_parallel`. ``s`` is ``x`` itself,
+    or the input an :class:`InputTap` recorded earlier in the same forward."""
+
+    def __init__(self, original: nn.Module, inserted: PeftModule, tap: Optional[InputTap] = None):
+        super().__init__()
+        self.original = original
+        self.inserted = inserted
+        # a plain reference, not a submodule: the tap already sits in the module tree
+        self.__dict__["tap"] = tap
+
+    def forward(self, x):
+        src = x if self.tap is None else self.tap.take()
+        if src is None:
+            raise RuntimeError("insert_parallel: the tapped module did not run before this one")
+        return self.original(x) + self.inserted(src)
+
+    def merge(self) -> nn.Module:
+        raise NotMergeableError(
+            f"{type(self.inserted).__name__} is a parallel branch with a non-linearity and cannot "
+            "be folded into the backbone's weights; keep the unmerged model")
+
+
 # --------------------------------------------------------------------------- registry
 
 class Method:
@@ -314,6 +363,39 @@ def insert_after(model: nn.Module, name: str, module: PeftModule) -> InsertedAft
     return wrapped
 
 
+def insert_parallel(model: nn.Module, name: str, module: PeftModule,
+                    input_of: Optional[str] = None) -> InsertedParallel:
+    """Replace submodule ``name`` by ``original(x) + module(s)``.
+
+    ``s`` is the input of ``name`` itself, or with ``input_of`` the input of another submodule
+    that runs earlier in the same forward (e.g. the pre-LayerNorm stream of a block: the input of
+    ``blocks.i.norm2``, added at the output of ``blocks.i.drop_path2``).
+    """
+    tap = None
+    if input_of is not None:
+        src = model.get_submodule(input_of)
+        if not isinstance(src, InputTap):
+            src = InputTap(src)
+            _set_submodule(model, input_of, src)
+        tap = src
+    wrapped = InsertedParallel(model.get_submodule(name), module, tap)
+    _set_submodule(model, name, wrapped)
+    return wrapped
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Swap the parameter-free submodule ``name`` (a dropout, a drop-path, an identity) for
+    ``module``, which must hold no parameters either and name the plain module that stands in for
+    it at inference via ``merged_replacement()`` (see :func:`merge`). Returns the old module."""
+    old = model.get_submodule(name)
+    if any(True for _ in old.parameters()) or any(True for _ in module.parameters()):
+        raise ValueError(f"replace_module is for parameter-free modules only ({name})")
+    if not callable(getattr(module, "merged_replacement", None)):
+        raise TypeError(f"{type(module).__name__} must define merged_replacement()")
+    _set_submodule(model, name, module)
+    return old
+
+
 # --------------------------------------------------------------------------- merge / counts
 
 @torch.no_grad()
@@ -323,7 +405,9 @@ def merge(model: nn.Module) -> nn.Module:
     The result has the backbone's class and no extra modules. Raises NotMergeableError for
     methods that cannot be folded (sequential adapters with a non-linearity).
     """
-    todo = [(n, m) for n, m in model.named_modules() if isinstance(m, (AdaptedLinear, InsertedAfter))]
+    _check_mergeable(model)
+    todo = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (AdaptedLinear, InsertedAfter, InsertedParallel, InputTap))]
     # Outermost first would re-visit children; merge deepest first so inner wrappers are folded
     # before an outer one reads them.
     for n, m in sorted(todo, key=lambda t: -t[0].count(".")):
@@ -341,6 +425,21 @@ def merge(model: nn.Module) -> nn.Module:
         del model.peft_method
     model.requires_grad_(False)
     return model
+
+
+def _check_mergeable(model: nn.Module) -> None:
+    """Raise before touching anything when some method module cannot be folded, so a failed
+    merge leaves the model as it was."""
+    bad = [n for n, m in model.named_modules()
+           if isinstance(m, InsertedParallel)
+           or (isinstance(m, InsertedAfter) and not callable(getattr(m.inserted, "fold_into", None)))]
+    method = getattr(model, "peft_method", None)
+    if bad or (method is not None and not getattr(method, "mergeable", True)):
+        name = getattr(method, "name", None) or "this method"
+        where = f" ({len(bad)} modules, e.g. {bad[0]})" if bad else ""
+        raise NotMergeableError(
+            f"method {name!r} is not mergeable: it inserts non-linear modules{where} that cannot be "
+            "folded into the backbone's weights; evaluate or export the unmerged model instead")
 
 
 def _head_params(model: nn.Module) -> Iterable[nn.Parameter]:

@@ -1,0 +1,369 @@
+"""Sweep launchers: hydra-submitit-launcher's SLURM and local launchers, with a bounded wait.
+
+The stock launchers wait on each job with ``job.results()``. That returns once submitit sees
+the job end; without SLURM accounting (sacct) a job that died without writing its result
+(scancel, OOM kill, node failure, ``os._exit``) is never seen to end, so the sweep waits
+forever. Even with accounting, submitit polls sacct at most every 10 minutes.
+
+These launchers submit the same way, then poll the scheduler themselves (``squeue`` for live
+jobs, ``sacct`` when accounting is on) every ``poll_s`` seconds:
+
+* a job that wrote its result is collected as usual;
+* a job the scheduler reports ended (or no longer knows) that has written no result within
+  ``lost_after_s`` seconds is reported as died-without-result: its job id, state, overrides
+  and the tail of its log, as a failed ``JobReturn`` (Hydra then exits with that error,
+  after all other jobs have finished);
+* ``max_wait_h`` (optional) bounds the whole wait; jobs still running then are left to run
+  and reported. Re-launching the same sweep later runs only the jobs without a
+  ``results.json`` (``skip_done``).
+
+A requeued job (pre-emption, time-out: SIGUSR2, submitit checkpoints and requeues) is
+PENDING/RUNNING again, never "ended", so it is waited for.
+
+The local launcher also runs at most ``array_parallelism`` jobs at a time (submitit's local
+executor starts every job at once, which on one GPU means out-of-memory).
+
+Hydra instantiates launchers only from the ``hydra_plugins`` namespace; the classes Hydra
+sees are thin subclasses in ``hydra_plugins/peft_vit_launcher.py`` (repo root), which also
+registers the config schemas below. ``configs/hydra/launcher/{slurm,local}.yaml`` use them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# SLURM job states (squeue %T / sacct State). Anything else means the job has ended.
+ALIVE_STATES = {
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+    "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD", "STOPPED",
+}
+WAIT_KEYS = ("poll_s", "lost_after_s", "max_wait_h")
+
+
+class JobDiedError(RuntimeError):
+    """A sweep job ended (or vanished from the scheduler) without writing its result."""
+
+
+class WaitTimeoutError(RuntimeError):
+    """The launcher stopped waiting (max_wait_h) while the job was still queued or running."""
+
+
+# ------------------------------------------------------------------------------ schemas
+@dataclass
+class BoundedSlurmQueueConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.peft_vit_launcher.SlurmLauncher"
+    # seconds between two looks at the scheduler (one squeue + one sacct for the whole sweep)
+    poll_s: float = 15.0
+    # a job the scheduler reports ended, or no longer lists, with no result after this long
+    # is reported as died-without-result
+    lost_after_s: float = 120.0
+    # stop waiting after this many hours (null: wait as long as jobs are queued or running)
+    max_wait_h: Optional[float] = None
+
+
+@dataclass
+class BoundedLocalQueueConf(LocalQueueConf):
+    _target_: str = "hydra_plugins.peft_vit_launcher.LocalLauncher"
+    # jobs running at once on this machine
+    array_parallelism: int = 1
+    poll_s: float = 2.0
+    lost_after_s: float = 30.0
+    max_wait_h: Optional[float] = None
+
+
+def register_configs() -> None:
+    """Config schemas `peft_vit_slurm` / `peft_vit_local` in group hydra/launcher."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/launcher", name="peft_vit_slurm", node=BoundedSlurmQueueConf(), provider="peft_vit")
+    cs.store(group="hydra/launcher", name="peft_vit_local", node=BoundedLocalQueueConf(), provider="peft_vit")
+
+
+# ------------------------------------------------------------------------------ helpers
+@dataclass
+class _Slot:
+    """One sweep job: what was asked, and the submitit job running it (None: not yet submitted)."""
+
+    num: int
+    overrides: List[str]
+    params: Tuple[Any, ...]
+    job: Any = None
+    gone_since: Optional[float] = None
+    state: str = "UNSUBMITTED"
+    result: Optional[JobReturn] = None
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def _failed(slot: _Slot, err: BaseException) -> JobReturn:
+    ret = JobReturn(overrides=list(slot.overrides), status=JobStatus.FAILED, _return_value=err)
+    return ret
+
+
+def _run(cmd: List[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _expand(job_field: str) -> List[str]:
+    """'12_3' -> ['12_3']; '12_[0-2,5]' -> ['12_0', '12_1', '12_2', '12_5']; '12' -> ['12']."""
+    if "_[" not in job_field:
+        return [job_field]
+    main, rest = job_field.split("_[", 1)
+    rest = rest.rstrip("]").split("%")[0]
+    ids = []
+    for part in rest.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            ids += [f"{main}_{i}" for i in range(int(a), int(b) + 1)]
+        elif part:
+            ids.append(f"{main}_{part}")
+    return ids
+
+
+def slurm_states(job_ids: Sequence[str]) -> Dict[str, str]:
+    """State of each job id (``123`` or array task ``123_4``): squeue for jobs slurmctld still
+    holds, else sacct when accounting is on. Ids neither knows are absent."""
+    mains = sorted({j.split("_")[0] for j in job_ids})
+    if not mains:
+        return {}
+    states: Dict[str, str] = {}
+    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(mains)])
+    for line in (out or "").splitlines():
+        if "|" in line:
+            jid, st = line.split("|", 1)
+            for j in _expand(jid.strip()):
+                states[j] = st.split()[0] if st.strip() else "UNKNOWN"
+    # squeue last: the controller's view is the current one (sacct lags behind it)
+    user = os.environ.get("USER") or None
+    cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T"] + (["-u", user] if user else [])
+    out = _run(cmd)
+    if out is not None:
+        wanted = set(mains)
+        for line in out.splitlines():
+            if "|" not in line:
+                continue
+            jid, st = line.split("|", 1)
+            if jid.split("_")[0] in wanted:
+                for j in _expand(jid.strip()):
+                    states[j] = st.strip()
+    return states
+
+
+# ------------------------------------------------------------------------------ launchers
+class _BoundedWait:
+    """Mixin over hydra-submitit-launcher's BaseSubmititLauncher: submit, then poll."""
+
+    _EXECUTOR: str
+
+    def __init__(self, **params: Any) -> None:
+        wait = {k: params.pop(k) for k in WAIT_KEYS if k in params}
+        self.poll_s = float(wait.get("poll_s") or 10.0)
+        self.lost_after_s = float(wait.get("lost_after_s") if wait.get("lost_after_s") is not None else 120.0)
+        mw = wait.get("max_wait_h")
+        self.max_wait_h = None if mw is None else float(mw)
+        super().__init__(**params)  # type: ignore[call-arg]
+
+    # -- executor, as BaseSubmititLauncher.launch builds it
+    def _executor(self) -> Any:
+        import submitit
+
+        params = dict(self.params)  # type: ignore[attr-defined]
+        init_params = {"folder": params["submitit_folder"]}
+        specific_init_keys = {"max_num_timeout"}
+        init_params.update(**{f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys})
+        init_keys = specific_init_keys | {"submitit_folder"} | self._launcher_only_keys()
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        params = {x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x not in init_keys}
+        executor.update_parameters(**params)
+        return executor
+
+    def _launcher_only_keys(self) -> set:
+        return set()
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None  # type: ignore[attr-defined]
+        config = self.config  # type: ignore[attr-defined]
+        assert len(job_overrides) > 0
+        # jobs import peft_vit (and hydra_plugins.peft_vit_launcher, to unpickle this launcher)
+        # wherever they start: put the repo on their path
+        pp = os.environ.get("PYTHONPATH", "")
+        if str(REPO_ROOT) not in pp.split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
+        executor = self._executor()
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
+        slots = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            params = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            slots.append(_Slot(num=idx, overrides=list(overrides), params=params))
+        self._wait(executor, slots)
+        failed = [s for s in slots if s.result is None or s.result.status != JobStatus.COMPLETED]
+        if failed:
+            log.error(f"{len(slots) - len(failed)} of {len(slots)} jobs completed; {len(failed)} did not:")
+            for s in failed:
+                err = s.result._return_value if s.result is not None else "no result"
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                log.error(f"\t#{s.num} ({' '.join(filter_overrides(s.overrides))}): {first}")
+        return [s.result for s in slots]  # type: ignore[misc]
+
+    # -- waiting
+    def _submit(self, executor: Any, slots: List[_Slot]) -> None:
+        raise NotImplementedError
+
+    def _states(self, slots: List[_Slot]) -> Dict[str, str]:
+        raise NotImplementedError
+
+    def _collect(self, slot: _Slot) -> None:
+        job = slot.job
+        try:
+            slot.result = job.results()[0]
+        except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError / FailedJobError, unpickling
+            slot.result = _failed(slot, JobDiedError(
+                f"job #{slot.num} (id {job.job_id}) failed outside the task: {e}"))
+
+    def _died(self, slot: _Slot) -> None:
+        job = slot.job
+        msg = (f"job #{slot.num} ({' '.join(filter_overrides(slot.overrides))}) {self._EXECUTOR} id {job.job_id} "
+               f"ended without writing a result (scheduler state: {slot.state}; nothing for "
+               f"{self.lost_after_s:.0f} s). Killed (scancel, out of memory, node failure) or crashed "
+               f"hard. Logs: {job.paths.stderr} , {job.paths.stdout}")
+        tail = _tail(job.paths.stderr) or _tail(job.paths.stdout)
+        if tail:
+            msg += "\n--- end of its log ---\n" + tail
+        log.error(msg)
+        slot.result = _failed(slot, JobDiedError(msg))
+
+    def _wait(self, executor: Any, slots: List[_Slot]) -> None:
+        start = time.time()
+        deadline = None if self.max_wait_h is None else start + self.max_wait_h * 3600
+        while True:
+            self._submit(executor, slots)
+            live = [s for s in slots if s.job is not None and s.result is None]
+            if not live and all(s.result is not None for s in slots):
+                return
+            states = self._states(live)
+            now = time.time()
+            for s in live:
+                if s.job.paths.result_pickle.exists():
+                    self._collect(s)
+                    continue
+                st = states.get(str(s.job.job_id))
+                s.state = st or "not known to the scheduler"
+                if st is not None and st.upper() in ALIVE_STATES:
+                    s.gone_since = None
+                    continue
+                if s.gone_since is None:
+                    s.gone_since = now
+                elif now - s.gone_since >= self.lost_after_s:
+                    self._died(s)
+            if deadline is not None and now > deadline and any(s.result is None for s in slots):
+                for s in slots:
+                    if s.result is None:
+                        where = f"id {s.job.job_id}, state {s.state}" if s.job is not None else "never submitted"
+                        s.result = _failed(s, WaitTimeoutError(
+                            f"job #{s.num} ({' '.join(filter_overrides(s.overrides))}) still not done after "
+                            f"max_wait_h={self.max_wait_h} ({where}); it was left running: re-launch the same "
+                            f"sweep later to collect it (finished jobs are skipped)"))
+                return
+            if any(s.result is None for s in slots):
+                time.sleep(self.poll_s)
+
+
+class SlurmLauncher(_BoundedWait, _SubmititSlurm):
+    """SLURM job array (``array_parallelism`` at a time), bounded wait.
+
+    ``signal_delay_s`` is the head start SIGUSR2 gets before the time limit (submitit then
+    calls checkpoint() and requeues); if it is not below half the time limit the signal
+    would come at start, so it is cut to a tenth of the limit, with a warning."""
+
+    _EXECUTOR = "slurm"
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        limit_s = float(self.params.get("timeout_min") or 0) * 60
+        delay = self.params.get("signal_delay_s")
+        if limit_s > 0 and delay is not None and 2 * float(delay) >= limit_s:
+            new = max(5, int(limit_s / 10))
+            log.warning(f"signal_delay_s={delay} is not below half of timeout_min={self.params['timeout_min']}: "
+                        f"SIGUSR2 would come at the start; using signal_delay_s={new}")
+            self.params["signal_delay_s"] = new
+
+    def _submit(self, executor: Any, slots: List[_Slot]) -> None:
+        todo = [s for s in slots if s.job is None]
+        if not todo:
+            return
+        if shutil.which("sbatch") is None:
+            raise RuntimeError("hydra/launcher=slurm: sbatch not found; on one machine use hydra/launcher=local, "
+                               "or start a local test cluster with scripts/slurm_local.sh start")
+        jobs = executor.map_array(self, *zip(*[s.params for s in todo]))
+        for s, j in zip(todo, jobs):
+            s.job = j
+        log.info(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
+
+    def _states(self, slots: List[_Slot]) -> Dict[str, str]:
+        return slurm_states([str(s.job.job_id) for s in slots])
+
+
+class LocalLauncher(_BoundedWait, _SubmititLocal):
+    """One process per job on this machine, at most ``array_parallelism`` at once, bounded wait."""
+
+    _EXECUTOR = "local"
+
+    def _launcher_only_keys(self) -> set:
+        return {"array_parallelism"}
+
+    def _submit(self, executor: Any, slots: List[_Slot]) -> None:
+        limit = max(1, int(self.params.get("array_parallelism") or 1))  # type: ignore[attr-defined]
+        running = sum(1 for s in slots if s.job is not None and s.result is None)
+        for s in slots:
+            if running >= limit:
+                break
+            if s.job is None:
+                s.job = executor.submit(self, *s.params)
+                running += 1
+
+    def _states(self, slots: List[_Slot]) -> Dict[str, str]:
+        out = {}
+        for s in slots:
+            st = s.job.state
+            out[str(s.job.job_id)] = "RUNNING" if st == "RUNNING" else st
+        return out
+
+
+# BaseSubmititLauncher.launch is replaced by _BoundedWait.launch through the MRO
+assert SlurmLauncher.launch is _BoundedWait.launch and issubclass(SlurmLauncher, BaseSubmititLauncher)

@@ -1,0 +1,125 @@
+"""Bottleneck adapters (SPEC §2.3), as run for the VTAB tables by NOAH.
+
+Default (``placement: pfeiffer``, NOAH's): one sequential adapter per block, after the MLP branch
+and before its residual add::
+
+    x = x + A(DropPath(MLP(LN2(x)))),   A(z) = z + W_up · Dropout(act(W_down z + b_d)) + b_u
+
+bottleneck 8, QuickGELU, dropout 0.1, xavier-uniform weights and N(0, 1e-6) biases (so it is
+*not* the identity at start). 12 · (768·8 + 8 + 8·768 + 768) = 156,768 parameters on ViT-B/16.
+
+Other placements:
+
+* ``houlsby``: the same adapter after the attention branch too (two per block, 313,536).
+* ``adaptformer``: parallel to the MLP, reading the block's pre-LN stream::
+
+      x = x + DropPath(MLP(LN2(x))) + s · W_up · Dropout(ReLU(W_down x + b_d)) + b_u
+
+  with s = 0.1, W_down kaiming-uniform (a=√5), W_up and biases zero: the identity at start.
+
+Adapters have a non-linearity between their projections: not mergeable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Method, PeftModule, insert_after, insert_parallel, register_method
+
+PLACEMENTS = ("pfeiffer", "houlsby", "adaptformer")
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": QuickGELU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class Adapter(PeftModule):
+    """``[z +] scale · up(Dropout(act(down(z))))``; ``residual=False`` for a parallel branch."""
+
+    def __init__(self, dim: int, bottleneck: int, act: str = "quick_gelu", dropout: float = 0.1,
+                 scale: float = 1.0, init: str = "xavier", residual: bool = True):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"adapter act={act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = ACTIVATIONS[act]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = float(scale)
+        self.residual = residual
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        if init == "xavier":  # NOAH: xavier-uniform weights, tiny biases
+            for lin in (self.down, self.up):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.normal_(lin.bias, std=1e-6)
+        elif init == "lora":  # AdaptFormer: down as nn.Linear's default, up and biases zero
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.bias)
+        else:
+            raise ValueError(f"adapter init={init!r}; choose xavier or lora")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.dropout(self.act(self.down(z))))
+        if self.scale != 1.0:
+            h = h * self.scale
+        return z + h if self.residual else h
+
+
+@register_method("adapter")
+class AdapterMethod(Method):
+    mergeable = False
+
+    # placement -> (act, scale, init)
+    DEFAULTS = {
+        "pfeiffer": ("quick_gelu", 1.0, "xavier"),
+        "houlsby": ("quick_gelu", 1.0, "xavier"),
+        "adaptformer": ("relu", 0.1, "lora"),
+    }
+
+    def __init__(self, bottleneck: int = 8, dropout: float = 0.1, placement: str = "pfeiffer",
+                 act: Optional[str] = None, scale: Optional[float] = None, init: Optional[str] = None,
+                 blocks: str = "blocks.*"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"adapter placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        d_act, d_scale, d_init = self.DEFAULTS[placement]
+        self.bottleneck = int(bottleneck)
+        self.dropout = float(dropout)
+        self.placement = placement
+        self.act = act or d_act
+        self.scale = d_scale if scale is None else float(scale)
+        self.init = init or d_init
+        self.blocks = blocks
+
+    def _adapter(self, dim: int, residual: bool) -> Adapter:
+        return Adapter(dim, self.bottleneck, self.act, self.dropout, self.scale, self.init, residual)
+
+    def inject(self, model: nn.Module) -> None:
+        import fnmatch
+
+        names = [n for n, _ in model.named_modules()
+                 if fnmatch.fnmatch(n, self.blocks) and n.count(".") == self.blocks.count(".")]
+        if not names:
+            raise ValueError(f"adapter: no block matches {self.blocks!r}")
+        for b in names:
+            dim = model.get_submodule(f"{b}.norm2").normalized_shape[-1]
+            if self.placement == "adaptformer":
+                # parallel to the MLP branch; input: the block's stream before LN2
+                insert_parallel(model, f"{b}.drop_path2", self._adapter(dim, residual=False),
+                                input_of=f"{b}.norm2")
+                continue
+            if self.placement == "houlsby":
+                insert_after(model, f"{b}.drop_path1", self._adapter(dim, residual=True))
+            insert_after(model, f"{b}.drop_path2", self._adapter(dim, residual=True))

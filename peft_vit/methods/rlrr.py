@@ -1,0 +1,126 @@
+"""RLRR: residual low-rank rescaling (Dong et al., CVPR 2024; code zstarN70/RLRR), SPEC §2.4.
+
+Every Linear of every block (q, k, v block-wise, o, fc1, fc2) is rescaled element-wise::
+
+    W' = W ⊙ (1 + s_out s_inᵀ),   b' = b + f
+
+and an SSF affine ``x·γ + β`` follows LN1 and LN2 of every block, the final norm and the
+patch embedding. ViT-B/16: 12 · 23,808 + 2 · 1,536 = 288,768 parameters.
+
+Official initialisation (so ΔW ≠ 0 at start): s_in ~ U(±√(6/in)), s_out ~ U(±√6) (kaiming-uniform
+of shapes (1, in) and (out, 1)), f = 0, γ ~ N(1, 0.02), β ~ N(0, 0.02).
+
+The official "drop path" is element-wise dropout on each residual branch, rising linearly
+0 → ``drop`` over the blocks; it replaces the backbone's drop-path modules (``drop: null`` keeps
+the backbone's own stochastic depth instead).
+
+The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``); merging is the
+same code. SSF after a LayerNorm folds into the LayerNorm's affine; after the patch embedding it
+folds into the patch-projection conv (or the embedding's norm, when it has one).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .base import (Delta, Method, NotMergeableError, PeftModule, adapt_linears, insert_after,
+                   register_method, replace_module)
+
+TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+class RLRRDelta(Delta):
+    """ΔW = W ⊙ (s_out s_inᵀ), Δb = f."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        # official init: kaiming_uniform_ on (1, in) and (out, 1) -> U(±√(6/in)), U(±√6)
+        self.s_in = nn.Parameter(torch.empty(in_features).uniform_(-1, 1) * math.sqrt(6 / in_features))
+        self.s_out = nn.Parameter(torch.empty(out_features).uniform_(-1, 1) * math.sqrt(6))
+        self.f = nn.Parameter(torch.zeros(out_features))
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * torch.outer(self.s_out, self.s_in).to(weight.dtype)
+
+    def delta_bias(self, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.f
+
+
+class SSF(PeftModule):
+    """``x·γ + β`` over the last (channel) dimension; folds into the affine module it follows."""
+
+    def __init__(self, dim: int, std: float = 0.02):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(dim).normal_(1.0, std))
+        self.beta = nn.Parameter(torch.empty(dim).normal_(0.0, std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma + self.beta
+
+    @torch.no_grad()
+    def fold_into(self, original: nn.Module) -> nn.Module:
+        """Fold into ``original`` (in place) so that ``original'(x) = SSF(original(x))``."""
+        g, b = self.gamma, self.beta
+        if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
+            target = original
+        elif isinstance(original, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and original.bias is not None:
+            target = original
+        elif hasattr(original, "proj") and hasattr(original, "norm"):  # timm PatchEmbed, channel-last out
+            fmt = getattr(getattr(original, "output_fmt", None), "value", None)
+            if not (getattr(original, "flatten", False) or fmt == "NHWC"):
+                raise NotMergeableError("SSF after a channel-first patch embedding cannot be folded")
+            inner = original.norm if not isinstance(original.norm, nn.Identity) else original.proj
+            self.fold_into(inner)
+            return original
+        else:
+            raise NotMergeableError(f"SSF cannot be folded into a {type(original).__name__}")
+        w = target.weight
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w.mul_(g.to(w.dtype).view(shape))
+        target.bias.mul_(g.to(w.dtype)).add_(b.to(w.dtype))
+        return original
+
+
+class ResidualDropout(nn.Dropout):
+    """RLRR's "drop path": element-wise dropout on a residual branch; nothing at inference."""
+
+    def merged_replacement(self) -> nn.Module:
+        return nn.Identity()
+
+
+@register_method("rlrr")
+class RLRR(Method):
+    def __init__(self, targets=TARGETS, ssf: bool = True, drop: Optional[float] = 0.1,
+                 blocks: str = "blocks.*"):
+        self.targets = list(targets)
+        self.ssf = bool(ssf)
+        self.drop = None if drop is None else float(drop)
+        self.blocks = blocks
+
+    def inject(self, model: nn.Module) -> None:
+        adapt_linears(model, self.targets, lambda n, b, out, inp, layer: RLRRDelta(out, inp),
+                      blocks=self.blocks, weight_space=True)
+        blocks = self._block_names(model)
+        if self.ssf:
+            for b in blocks:
+                for ln in ("norm1", "norm2"):
+                    insert_after(model, f"{b}.{ln}", SSF(model.get_submodule(f"{b}.{ln}").normalized_shape[-1]))
+            final = next((n for n in ("norm", "fc_norm") if isinstance(getattr(model, n, None), nn.LayerNorm)), None)
+            if final is not None:
+                insert_after(model, final, SSF(getattr(model, final).normalized_shape[-1]))
+            if hasattr(model, "patch_embed"):
+                insert_after(model, "patch_embed", SSF(model.patch_embed.proj.out_channels))
+        if self.drop is not None:
+            rates = torch.linspace(0, self.drop, len(blocks)).tolist() if blocks else []
+            for b, p in zip(blocks, rates):
+                for dp in ("drop_path1", "drop_path2"):
+                    replace_module(model, f"{b}.{dp}", ResidualDropout(p))
+
+    def _block_names(self, model: nn.Module):
+        import fnmatch
+
+        depth = self.blocks.count(".")
+        return [n for n, _ in model.named_modules() if fnmatch.fnmatch(n, self.blocks) and n.count(".") == depth]

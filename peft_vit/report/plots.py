@@ -1,0 +1,262 @@
+"""Figures from run records (matplotlib, Agg backend).
+
+Every plot function returns the data it drew (a JSON-able dict) and writes it beside the
+figure as ``<stem>.json``, so tests and readers can check the plotted numbers without pixels.
+
+* :func:`plot_accuracy_vs_params` — mean accuracy of complete rows vs trainable parameters
+  (incl. head, log x), ours (circles) beside the papers' (triangles), one Pareto front per
+  protocol (protocols never share a front).
+* :func:`plot_householder_ranks` — HTA's per-layer effective rank of the H-term
+  (``results.json["householder"]``), mean over tasks (each task: mean over seeds), as a
+  layer × matrix heatmap and as lines.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .collect import BACKBONE_MARKS, Record
+from .tables import PAPER_PROTOCOL, Table
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, stem: Path, data: Dict[str, Any], formats: Sequence[str] = ("png", "pdf")) -> List[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in formats:
+        p = stem.with_name(stem.name + f".{ext}")
+        fig.savefig(p, dpi=150, bbox_inches="tight", **({"metadata": {"CreationDate": None}} if ext == "pdf" else {}))
+        paths.append(p)
+    j = stem.with_name(stem.name + ".json")
+    j.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    paths.append(j)
+    return paths
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point dominates (fewer or equal params and higher or
+    equal accuracy, one of them strictly), ordered by params."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+# --------------------------------------------------------------------------- accuracy vs params
+
+def accuracy_vs_params_data(table: Table, protocols: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Points (complete rows only) and per-protocol Pareto fronts of a table."""
+    b = table.benchmark
+    protocols = set(protocols) if protocols is not None else None
+    points, skipped = [], []
+    for row in table.rows:
+        if row.kind == "diff" or (protocols is not None and row.protocol not in protocols):
+            continue
+        cell = row.cells.get("mean")
+        if row.kind == "ours":
+            label = row.method_label + (f" ({row.experiment})" if row.experiment else "")
+        else:
+            label = f"{row.method_label} [{row.experiment}]"
+        if row.variant and row.kind == "ours" and row.variant not in label:
+            label += f" ({row.variant})"
+        if cell is None or cell.mean is None:
+            skipped.append(f"{label} — {row.protocol}: incomplete")
+            continue
+        params, note = row.params_head, None
+        if params is None and row.params_no_head is not None:
+            if b.head_m is None:
+                skipped.append(f"{label} — {row.protocol}: no params with head")
+                continue
+            params = row.params_no_head + b.head_m
+            note = f"printed {row.params_no_head:.2f}M without head + mean head {b.head_m:.3f}M"
+        elif row.kind == "paper" and not row.params_head_known:
+            note = "printed count; unknown whether it includes the head"
+        if params is None or params <= 0:
+            skipped.append(f"{label} — {row.protocol}: no params")
+            continue
+        points.append({"label": label, "method": row.method, "source": row.kind, "protocol": row.protocol,
+                       "params_m": round(params, 6), "acc": round(cell.mean, 6),
+                       **({"params_note": note} if note else {})})
+    fronts = {}
+    for proto in _ordered_unique(p["protocol"] for p in points):
+        idx = [i for i, p in enumerate(points) if p["protocol"] == proto]
+        front = pareto_front([(points[i]["params_m"], points[i]["acc"]) for i in idx])
+        fronts[proto] = [points[idx[j]]["label"] for j in front]
+    return {"benchmark": b.name, "x": "trainable params incl. head (M, mean over tasks)",
+            "y": f"{b.mean_title} accuracy (%)", "points": points, "pareto_fronts": fronts, "skipped": skipped}
+
+
+def _ordered_unique(xs: Iterable[str]) -> List[str]:
+    seen: List[str] = []
+    for x in xs:
+        if x not in seen:
+            seen.append(x)
+    return seen
+
+
+_COLORS = {"final/last-epoch": "tab:blue", "final/max-over-epochs (selects on test)": "tab:orange",
+           "tune/val": "tab:green", PAPER_PROTOCOL: "tab:gray"}
+
+
+def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterable[str]] = None,
+                            annotate: bool = True) -> Dict[str, Any]:
+    """Mean accuracy vs trainable params (log x). Writes <stem>.png, .pdf and .json; returns the
+    plotted data. ``protocols`` restricts the rows (default: all but tune/val)."""
+    if protocols is None:
+        protocols = [p for p in _ordered_unique(r.protocol for r in table.rows) if not p.startswith(("tune", "Δ"))]
+    data = accuracy_vs_params_data(table, protocols)
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for proto in _ordered_unique(p["protocol"] for p in data["points"]):
+        pts = [p for p in data["points"] if p["protocol"] == proto]
+        color = _COLORS.get(proto, None)
+        for src, marker in (("ours", "o"), ("paper", "^")):
+            sel = [p for p in pts if p["source"] == src]
+            if sel:
+                ax.scatter([p["params_m"] for p in sel], [p["acc"] for p in sel], marker=marker, s=40,
+                           color=color, label=f"{'ours' if src == 'ours' else 'paper'}: {proto}", zorder=3)
+        front = [next(p for p in pts if p["label"] == lab) for lab in data["pareto_fronts"].get(proto, [])]
+        if len(front) > 1:
+            ax.step([p["params_m"] for p in front], [p["acc"] for p in front], where="post", color=color,
+                    alpha=0.6, lw=1.2, ls="--" if front[0]["source"] == "paper" else "-", zorder=2)
+        if annotate:
+            for p in pts:
+                ax.annotate(p["label"], (p["params_m"], p["acc"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(data["x"])
+    ax.set_ylabel(data["y"])
+    ax.set_title(f"{table.benchmark.title}: accuracy vs trainable parameters (lines: Pareto front per protocol)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if data["points"]:
+        ax.legend(fontsize=7, loc="lower right")
+    _save(fig, stem, data)
+    plt.close(fig)
+    return data
+
+
+# --------------------------------------------------------------------------- householder ranks
+
+MATRIX_ORDER = ["q", "k", "v", "o", "qkv", "fc1", "fc2"]
+
+
+def householder_entries(diag: Any) -> List[Tuple[int, str, float]]:
+    """(layer, matrix, effective_rank) from a record's ``householder`` diagnostics. Accepts the
+    method's own ``{"per_matrix": [...]}``, ``{"layers": [...]}``, a bare list of rows, or
+    ``{"<module name>": {"effective_rank": r}}`` / ``{"<layer>": {"<matrix>": r}}`` mappings."""
+    rows: List[Tuple[int, str, float]] = []
+    if isinstance(diag, dict):
+        for key in ("per_matrix", "layers", "rows"):
+            if isinstance(diag.get(key), list):
+                return householder_entries(diag[key])
+        for k, v in diag.items():
+            m = re.search(r"(\d+)", str(k))
+            if m is None:
+                continue
+            layer = int(m.group(1))
+            if isinstance(v, dict) and "effective_rank" in v:
+                mat = str(v.get("matrix") or re.sub(r".*[._]", "", str(k)))
+                rows.append((layer, mat, float(v["effective_rank"])))
+            elif isinstance(v, dict):
+                rows += [(layer, str(mk), float(mv)) for mk, mv in v.items() if isinstance(mv, (int, float))]
+        return rows
+    if isinstance(diag, list):
+        for r in diag:
+            if isinstance(r, dict) and "effective_rank" in r and "layer" in r:
+                rows.append((int(r["layer"]), str(r.get("matrix", "?")), float(r["effective_rank"])))
+    return rows
+
+
+def householder_groups(records: Sequence[Record], protocol: Optional[str] = "final") -> Dict[str, List[Record]]:
+    """Householder records with diagnostics, grouped by (dataset, backbone, experiment, protocol)."""
+    groups: Dict[str, List[Record]] = {}
+    for r in records:
+        if r.method != "householder" or (protocol and r.protocol != protocol):
+            continue
+        if not householder_entries(r.data.get("householder")):
+            continue
+        mark = BACKBONE_MARKS.get(r.backbone)
+        name = "_".join(x for x in (r.dataset, r.protocol, r.experiment or "",
+                                    "augreg" if mark == "*" else (r.backbone if mark is None else "")) if x)
+        groups.setdefault(name, []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def householder_rank_data(records: Sequence[Record]) -> Dict[str, Any]:
+    """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
+    per_task: Dict[str, Dict[Tuple[int, str], List[float]]] = {}
+    full: Dict[Tuple[int, str], float] = {}
+    for r in records:
+        diag = r.data.get("householder")
+        for layer, mat, rank in householder_entries(diag):
+            per_task.setdefault(r.task, {}).setdefault((layer, mat), []).append(rank)
+        for row in (diag.get("per_matrix") or diag.get("layers") or []) if isinstance(diag, dict) else []:
+            if isinstance(row, dict) and "full_rank" in row:
+                full[(int(row["layer"]), str(row.get("matrix")))] = float(row["full_rank"])
+    tasks = sorted(per_task)
+    keys = sorted({k for t in tasks for k in per_task[t]})
+    layers = sorted({k[0] for k in keys})
+    mats = sorted({k[1] for k in keys}, key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
+    grid: List[List[Optional[float]]] = []
+    counts: List[List[int]] = []
+    for layer in layers:
+        row, crow = [], []
+        for m in mats:
+            vals = [sum(per_task[t][(layer, m)]) / len(per_task[t][(layer, m)]) for t in tasks if (layer, m) in per_task[t]]
+            row.append(round(sum(vals) / len(vals), 6) if vals else None)
+            crow.append(len(vals))
+        grid.append(row)
+        counts.append(crow)
+    return {"tasks": tasks, "n_records": len(records), "layers": layers, "matrices": mats,
+            "mean_effective_rank": grid, "n_tasks": counts,
+            "full_rank": sorted(set(full.values())) if full else None,
+            "aggregation": "per task: mean over seeds; then mean over tasks"}
+
+
+def plot_householder_ranks(records: Sequence[Record], stem: Path, title: str = "") -> Dict[str, Any]:
+    """Layer × matrix heatmap and per-matrix lines of the mean effective rank of HTA's H-term."""
+    data = householder_rank_data(records)
+    plt = _mpl()
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in data["mean_effective_rank"]], dtype=float)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    if grid.size:
+        im = a1.imshow(grid, aspect="auto", cmap="viridis")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if not np.isnan(grid[i, j]):
+                    a1.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
+        fig.colorbar(im, ax=a1)
+        for j, m in enumerate(data["matrices"]):
+            a2.plot(data["layers"], grid[:, j], marker="o", ms=3, label=m)
+        a2.legend(fontsize=7)
+    a1.set_xticks(range(len(data["matrices"])), data["matrices"])
+    a1.set_yticks(range(len(data["layers"])), data["layers"])
+    a1.set_xlabel("matrix")
+    a1.set_ylabel("layer")
+    a2.set_xlabel("layer")
+    a2.set_ylabel("effective rank of H(v_l) diag(d) H(v_r)")
+    a2.grid(True, alpha=0.3)
+    fig.suptitle(f"HTA per-layer effective rank, mean over {len(data['tasks'])} tasks"
+                 + (f" — {title}" if title else ""), fontsize=9)
+    fig.tight_layout()
+    data["title"] = title
+    _save(fig, stem, data)
+    plt.close(fig)
+    return data

@@ -1,0 +1,110 @@
+"""The training loop end to end on the digits demo: it learns, writes a complete record, resumes
+bit-identically after SIGTERM, skips finished runs, and DDP equals one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+FAST = ["model=vit_tiny_test", "dataset=demo/digits", "logger=none", "trainer.num_workers=0",
+        "trainer.progress=false", "trainer.batch_size=64", "optim.warmup_epochs=1", "optim.lr=2e-3"]
+
+
+def train(run_dir, *args, timeout=300, launcher=None):
+    cmd = (launcher or [sys.executable]) + ["train.py", *FAST, f"hydra.run.dir={run_dir}", *args]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def record(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+REQUIRED = ["method", "dataset", "task", "protocol", "seed", "config", "best_acc_over_epochs", "best_epoch",
+            "trainable_params", "trainable_params_no_head", "total_params", "wall_time_s",
+            "train_images_per_s", "peak_memory_mb", "git_commit", "versions"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    r = train(d, "method=full", "trainer.epochs=12", "trainer.eval_every=4")
+    return d, r
+
+
+def test_learns_on_digits_and_writes_complete_record(quick_run):
+    d, r = quick_run
+    rec = record(d)
+    for k in REQUIRED:
+        assert k in rec, k
+    assert rec["protocol"] == "final" and rec["eval_split"] == "test" and rec["train_split"] == "train800val200"
+    assert "val_acc" not in rec
+    assert rec["test_acc"] > 40, rec["test_acc"]  # chance is 10%; the quickstart (30 epochs) reaches ~90%
+    assert rec["best_acc_selects_on"] == "test"
+    assert [h["epoch"] for h in rec["history"]] == [4, 8, 12]
+    assert rec["best_acc_over_epochs"] == max(h["acc"] for h in rec["history"])
+    assert rec["trainable_params"] == rec["total_params"] and rec["trainable_params_no_head"] == rec["total_params"] - 650
+    assert rec["config"]["method"]["name"] == "full" and rec["config"]["optim"]["lr"] == 2e-3
+    assert "test_acc" in r.stdout and "protocol final" in r.stdout
+    assert (d / "trainable.safetensors").exists() and not (d / "checkpoint.pt").exists()
+
+
+def test_tune_protocol_reports_val(tmp_path):
+    train(tmp_path, "method=linear", "protocol=tune", "trainer.epochs=2", "trainer.save_weights=false")
+    rec = record(tmp_path)
+    assert rec["eval_split"] == "val200" and rec["train_split"] == "train800" and "val_acc" in rec
+    assert "test_acc" not in rec and rec["trainable_params"] == 650 and rec["trainable_params_no_head"] == 0
+
+
+def test_skip_done(quick_run):
+    d, _ = quick_run
+    before = (d / "results.json").stat().st_mtime_ns
+    r = train(d, "method=full", "trainer.epochs=12", "trainer.eval_every=4")
+    assert "skip" in r.stdout and (d / "results.json").stat().st_mtime_ns == before
+
+
+def test_sigterm_then_relaunch_equals_uninterrupted(tmp_path):
+    args = ["method=full", "trainer.epochs=6", "trainer.eval_every=1", "trainer.checkpoint_every=0",
+            "model.drop_path_rate=0.1"]
+    ref = tmp_path / "ref"
+    train(ref, *args)
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "train.py", *FAST, f"hydra.run.dir={cut}", *args]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    for line in p.stdout:  # stop in the middle of epoch 3, after two evaluations
+        if "epoch 2:" in line:
+            time.sleep(0.3)
+            p.send_signal(signal.SIGTERM)
+            break
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 128 + signal.SIGTERM, out
+    assert (cut / "checkpoint.pt").exists() and not (cut / "results.json").exists()
+    r = train(cut, *args)
+    assert "resumed from" in r.stdout
+    a, b = record(ref), record(cut)
+    assert a["history"] == b["history"] and a["test_acc"] == b["test_acc"]
+    wa, wb = load_file(ref / "trainable.safetensors"), load_file(cut / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    args = ["method=full", "trainer.epochs=2", "trainer.eval_every=1", "model.drop_path_rate=0.0"]
+    one = tmp_path / "one"
+    train(one, *args)
+    two = tmp_path / "two"
+    train(two, *args, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    a, b = record(one), record(two)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["history"] == pytest.approx(b["history"], abs=0.5)  # same predictions up to float reduction order
+    wa, wb = load_file(one / "trainable.safetensors"), load_file(two / "trainable.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
