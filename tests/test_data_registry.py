@@ -81,7 +81,8 @@ def _absolute(spec, sizes):
     import tensorflow_datasets as tfds
 
     infos = {k: SimpleNamespace(num_examples=v) for k, v in sizes.items()}
-    return [(a.splitname, a.from_, a.to) for a in tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)]
+    return [(a.splitname, a.from_ or 0, sizes[a.splitname] if a.to is None else a.to)  # None: split start/end
+            for a in tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)]
 
 
 @pytest.mark.parametrize("name", list(SPEC_VTAB))

@@ -80,8 +80,9 @@ def generate(root: Path):
                       record("householder", t, seed, 62 + i * 1.1 - 0.4 * seed, diag=hta_diag(i, seed)))
         if i % 3 != 2:  # rlrr: 13 of 19 tasks, seed 0 only
             write(root, f"rlrr/{t}/s0", record("rlrr", t, 0, 63 + i * 0.9, experiment="vtab_rlrr", lr=3e-3))
-    # a re-run of the same config in a second directory: reported, counted once
-    write(root, "zz_rerun/lora/cifar/s0", record("lora", "cifar", 0, 99.0, experiment="vtab_noah"))
+    # an earlier run of the same config in another directory: reported, counted once (the last
+    # path in sorted order is kept: Hydra's timestamped run dirs sort oldest first)
+    write(root, "a_earlier/lora/cifar/s0", record("lora", "cifar", 0, 99.0, experiment="vtab_noah"))
     # tune records (val200): their own row, never mixed with final
     for i, t in enumerate(tasks[:3]):
         write(root, f"tune/lora/{t}", record("lora", t, 0, 70 + i, protocol="tune", experiment="vtab_honest"))
@@ -141,7 +142,7 @@ def test_table_semantics(results):
     assert lora.cells["cifar"].mean == pytest.approx(60.25) and lora.cells["cifar"].n == 2
     assert lora.cells["cifar"].std == pytest.approx(0.3535534, abs=1e-6)
     assert lora.cells["mean"].mean == pytest.approx(60.25 + 9)
-    assert any(n.startswith("duplicate: vtab lora task=cifar seed=0") and "zz_rerun" in n for n in t.notes)
+    assert any(n.startswith("duplicate: vtab lora task=cifar seed=0") and "ignored a_earlier" in n for n in t.notes)
     # both protocols, never mixed: the max-over-epochs row is its own row
     lmax = _row(t, "lora", "final/max-over-epochs (selects on test)")
     assert lmax.cells["cifar"].mean == pytest.approx(61.5)
