@@ -35,3 +35,24 @@ def test_concurrent_writers_different_runs_lose_nothing(tmp_path):
     with mp.get_context("spawn").Pool(2) as pool:
         pool.map(_writer, [(paths[0], 0), (paths[1], 1)])
     assert [json.loads(p.read_text())["writer"] for p in paths] == [0, 1]
+
+
+def test_wandb_offline_logger_records_counts_in_summary(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest disables wandb for other tests
+    from omegaconf import OmegaConf
+
+    from peft_vit.record import RunLogger
+
+    lcfg = OmegaConf.load("configs/logger/wandb.yaml")
+    assert lcfg.mode == "offline"
+    log = RunLogger(lcfg, {"method": {"name": "lora"}}, tmp_path, name="lora/cifar/s0", group="sweep-x",
+                    tags=["lora", "cifar", "final"])
+    counts = {"trainable_params": 332_512, "trainable_params_no_head": 294_912, "total_params": 86_170_000}
+    log.summary(counts)
+    log.log({"train/loss": 1.0}, step=1)
+    run = log.run
+    assert run is not None and run.offline
+    assert {k: run.summary[k] for k in counts} == counts
+    assert run.group == "sweep-x" and set(run.tags) == {"lora", "cifar", "final"}
+    log.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # `wandb sync` target

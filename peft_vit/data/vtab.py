@@ -227,7 +227,12 @@ def task_folder(task: Task, root, extra: Tuple[str, ...] = (), prepare: bool = F
         else:
             from .tfds_source import prepare_task
 
-            prepare_task(task, root, data_dir=tfds_dir)
+            try:
+                prepare_task(task, root, data_dir=tfds_dir)
+            except Exception as e:
+                raise FileNotFoundError(f"{missing_message(task, root, incomplete, need)}\n"
+                                        f"dataset.prepare_if_missing: preparing from tfds failed: "
+                                        f"{type(e).__name__}: {e}") from e
             folder, incomplete = resolve_folder(root, extra + task.folders, need)
     if folder is None:
         raise FileNotFoundError(missing_message(task, root, incomplete, need))

@@ -84,6 +84,9 @@ class BoundedLocalQueueConf(LocalQueueConf):
     _target_: str = "hydra_plugins.peft_vit_launcher.LocalLauncher"
     # jobs running at once on this machine
     array_parallelism: int = 1
+    # SIGUSR2 this long before timeout_min (checkpoint + requeue, as on SLURM)
+    signal_delay_s: int = 90
+    max_num_timeout: int = 3
     poll_s: float = 2.0
     lost_after_s: float = 30.0
     max_wait_h: Optional[float] = None
@@ -200,15 +203,12 @@ class _BoundedWait:
         init_params = {"folder": params["submitit_folder"]}
         specific_init_keys = {"max_num_timeout"}
         init_params.update(**{f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys})
-        init_keys = specific_init_keys | {"submitit_folder"} | self._launcher_only_keys()
+        init_keys = specific_init_keys | {"submitit_folder"}
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
         baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
         params = {x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x not in init_keys}
         executor.update_parameters(**params)
         return executor
-
-    def _launcher_only_keys(self) -> set:
-        return set()
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None  # type: ignore[attr-defined]
@@ -344,8 +344,18 @@ class LocalLauncher(_BoundedWait, _SubmititLocal):
 
     _EXECUTOR = "local"
 
-    def _launcher_only_keys(self) -> set:
-        return {"array_parallelism"}
+    def _executor(self) -> Any:
+        # submitit's AutoExecutor passes only generic parameters to the local executor; build it
+        # directly so that signal_delay_s (and max_num_timeout) reach it
+        import submitit
+
+        p = self.params  # type: ignore[attr-defined]
+        executor = submitit.LocalExecutor(folder=p["submitit_folder"], max_num_timeout=int(p.get("max_num_timeout", 3)))
+        executor.update_parameters(
+            timeout_min=p.get("timeout_min") or 60, gpus_per_node=p.get("gpus_per_node") or 0,
+            tasks_per_node=p.get("tasks_per_node") or 1, signal_delay_s=int(p.get("signal_delay_s") or 90),
+            stderr_to_stdout=bool(p.get("stderr_to_stdout")), name=p.get("name"))
+        return executor
 
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
         limit = max(1, int(self.params.get("array_parallelism") or 1))  # type: ignore[attr-defined]

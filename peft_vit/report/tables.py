@@ -391,7 +391,7 @@ def to_markdown(t: Table) -> str:
     lines = [f"## {_title(t)}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join([":--"] * len(HEADER) + ["--:"] * (len(head) - len(HEADER))) + "|"]
     for row in t.rows:
-        texts = [x.replace("|", "\\|") for x in _row_texts(t, row, "md")]
+        texts = [x.replace("|", "\\|").replace("*", "\\*") for x in _row_texts(t, row, "md")]
         if row.kind == "paper":
             texts[0] = f"*{texts[0]}*"
         lines.append("| " + " | ".join(texts) + " |")
