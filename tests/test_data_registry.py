@@ -78,7 +78,9 @@ def test_registry_is_spec_table():
 
 
 def _absolute(spec, sizes):
-    import tensorflow_datasets as tfds
+    from peft_vit.data.tfds_source import import_tfds
+
+    tfds = import_tfds()
 
     infos = {k: SimpleNamespace(num_examples=v) for k, v in sizes.items()}
     return [(a.splitname, a.from_ or 0, sizes[a.splitname] if a.to is None else a.to)  # None: split start/end

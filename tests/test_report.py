@@ -6,11 +6,9 @@ and review the diff of tests/golden/.
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from peft_vit.report import build_table, load_records, to_csv, to_latex, to_markdown, vtab_tasks
 from peft_vit.report.collect import DEFAULT_BACKBONE, group_rows
@@ -223,25 +221,35 @@ def test_duplicates_ignore_paths_and_workers(tmp_path):
     assert len([n for n in notes if n.startswith("duplicate")]) == 1
 
 
-def test_make_table_cli(results, tmp_path):
-    import subprocess
-    import sys
+def script(name):
+    """scripts/<name>.py as a module (run in-process: no second interpreter start-up)."""
+    import importlib.util
 
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_make_table_cli(results, tmp_path, capsys):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "scripts/make_table.py", str(results), "--out", str(out), "--paper"],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert script("make_table").main([str(results), "--out", str(out), "--paper"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fgvc.csv", "fgvc.md", "fgvc.tex", "vtab.csv", "vtab.md", "vtab.tex"]
     assert (out / "vtab.md").read_text() == (GOLDEN / "vtab_paper.md").read_text()
-    assert "duplicate" in r.stderr
+    assert "duplicate" in capsys.readouterr().err
 
 
-def test_vtab_registry_matches_spec():
-    """The table's task order and groups come from the task registry, which must follow SPEC §3."""
-    from peft_vit.report.tables import _SPEC_VTAB
+def test_benchmarks_follow_the_registries():
+    """Task order, groups and heads come from peft_vit.data.{vtab,fgvc}, which follow SPEC §3/§4."""
+    from peft_vit.report.tables import fgvc_benchmark, vtab_benchmark
 
-    assert vtab_tasks() == {t: g for g, ts in _SPEC_VTAB.items() for t in ts}
-    assert list(vtab_tasks()) == list(VTAB_CLASSES)
+    v = vtab_benchmark()
+    assert v.tasks == list(VTAB_CLASSES)
+    assert {g: len(ts) for g, ts in v.groups.items()} == {"natural": 7, "specialized": 4, "structured": 8}
+    assert v.head_m == pytest.approx(769 * 940 / 19 / 1e6) and v.mean_title == "mean19"
+    f = fgvc_benchmark()
+    assert f.tasks == list(FGVC_CLASSES) and f.head_m == pytest.approx(769 * 1173 / 5 / 1e6)
 
 
 # --------------------------------------------------------------------------- plots
@@ -297,12 +305,17 @@ def test_householder_entries_tolerant():
 
 
 def test_plot_cli(results, tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "scripts/plot_results.py", str(results), "--out", str(tmp_path), "--paper"],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert script("plot_results").main([str(results), "--out", str(tmp_path), "--paper"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     for stem in ("vtab_acc_vs_params", "fgvc_acc_vs_params", "householder_rank_vtab_final"):
         assert {f"{stem}.png", f"{stem}.pdf", f"{stem}.json"} <= set(names)
+
+
+def test_householder_entries_read_the_method_report():
+    """The rank plot reads what HouseholderMethod.report() writes into results.json."""
+    from conftest import build
+
+    model = build("householder")
+    diag = json.loads(json.dumps(model.peft_method.report(model, None)))
+    rows = householder_entries(diag)
+    assert rows and {m for _, m, _ in rows} == {"q", "k", "v", "o"} and {layer for layer, _, _ in rows} == {0, 1}

@@ -40,13 +40,23 @@ WRITTEN_SPLITS = ("train800", "val200", "test")
 _FORMATS = {"JPEG": "jpg", "PNG": "png"}
 
 
-def _tfds():
+def import_tfds():
+    """``tensorflow_datasets``, imported so that it can share the process with PyTorch: Triton
+    (loaded by torch._dynamo, torchvision.ops, timm...) segfaults when first imported *after*
+    TensorFlow, so it is imported first."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # no Triton (CPU-only torch): nothing to protect
+        pass
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tensorflow-datasets is in requirements.txt
         raise ImportError("preparing VTAB-1k from tfds needs tensorflow-datasets and TensorFlow "
                           "(pip install tensorflow-cpu tensorflow-datasets)") from e
     return tfds
+
+
+_tfds = import_tfds
 
 
 def builder_for(task: Task, data_dir: Optional[str] = None):
@@ -83,6 +93,7 @@ def _encoded(ex_image) -> tuple:
             return data, _FORMATS[fmt]
     except Exception:
         pass
+    import_tfds()
     import tensorflow as tf  # the rare image PIL does not know: let TF decode it
 
     arr = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()

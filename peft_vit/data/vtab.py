@@ -220,13 +220,13 @@ def task_folder(task: Task, root, extra: Tuple[str, ...] = (), prepare: bool = F
     root = Path(root).expanduser()
     folder, incomplete = resolve_folder(root, extra + task.folders, need)
     if folder is None and prepare:
+        from .tfds_source import import_tfds, prepare_task
+
         try:
-            import tensorflow_datasets  # noqa: F401
+            import_tfds()
         except ImportError:
             log.warning("dataset.prepare_if_missing: tensorflow-datasets is not installed")
         else:
-            from .tfds_source import prepare_task
-
             try:
                 prepare_task(task, root, data_dir=tfds_dir)
             except Exception as e:

@@ -225,21 +225,66 @@ class _BoundedWait:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(config.hydra.sweep.mode), 8))
-        slots = []
+        slots, done = [], []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             params = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
-            slots.append(_Slot(num=idx, overrides=list(overrides), params=params))
-        self._wait(executor, slots)
+            slot = _Slot(num=idx, overrides=list(overrides), params=params)
+            slots.append(slot)
+            finished = self._finished_result(slot)
+            if finished is not None:
+                # skip_done, before submission: nothing is queued for a job that has its results
+                slot.result = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
+                                        working_dir=str(finished.parent), task_name=str(config.hydra.job.name))
+                done.append(slot)
+                log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}  [skip: {finished} exists]")
+            else:
+                log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        if done:
+            log.info(f"skip_done: {len(done)} of {len(slots)} jobs already have results; "
+                     f"submitting {len(slots) - len(done)}")
+        if len(done) < len(slots):
+            self._wait(executor, slots)
         failed = [s for s in slots if s.result is None or s.result.status != JobStatus.COMPLETED]
-        if failed:
+        if not failed:
+            log.info(f"all {len(slots)} jobs completed")
+        else:
             log.error(f"{len(slots) - len(failed)} of {len(slots)} jobs completed; {len(failed)} did not:")
             for s in failed:
                 err = s.result._return_value if s.result is not None else "no result"
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 log.error(f"\t#{s.num} ({' '.join(filter_overrides(s.overrides))}): {first}")
         return [s.result for s in slots]  # type: ignore[misc]
+
+    def _finished_result(self, slot: _Slot) -> Optional[Path]:
+        """<job dir>/results.json when the job's config has skip_done and the file exists.
+        The job dir is computed as Hydra's run_job does (sweep.dir / sweep.subdir); a subdir that
+        depends on hydra.job.id (known only inside the job) is never skipped here."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict
+
+        from ..record import RESULTS
+
+        hc = HydraConfig.instance()
+        old = hc.cfg
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(slot.overrides))  # type: ignore
+            if not cfg.get("skip_done", False):
+                return None
+            raw_subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir", ""))
+            if "job.id" in raw_subdir:
+                return None
+            with open_dict(cfg.hydra.job):
+                cfg.hydra.job.num = slot.num
+            hc.set_config(cfg)
+            job_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+            path = job_dir / RESULTS
+            return path if path.is_file() else None
+        except Exception as e:  # noqa: BLE001 - never fail a sweep over this shortcut; the job skips itself
+            log.debug(f"skip_done check failed for #{slot.num}: {e}")
+            return None
+        finally:
+            hc.cfg = old
 
     # -- waiting
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
@@ -254,14 +299,15 @@ class _BoundedWait:
             slot.result = job.results()[0]
         except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError / FailedJobError, unpickling
             slot.result = _failed(slot, JobDiedError(
-                f"job #{slot.num} (id {job.job_id}) failed outside the task: {e}"))
+                f"{self._EXECUTOR} job {job.job_id} (sweep job #{slot.num}) failed outside the task: {e}"))
 
     def _died(self, slot: _Slot) -> None:
         job = slot.job
-        msg = (f"job #{slot.num} ({' '.join(filter_overrides(slot.overrides))}) {self._EXECUTOR} id {job.job_id} "
-               f"ended without writing a result (scheduler state: {slot.state}; nothing for "
-               f"{self.lost_after_s:.0f} s). Killed (scancel, out of memory, node failure) or crashed "
-               f"hard. Logs: {job.paths.stderr} , {job.paths.stdout}")
+        msg = (f"{self._EXECUTOR} job {job.job_id} (sweep job #{slot.num}) ended without writing a result "
+               f"(scheduler state: {slot.state}; no result {self.lost_after_s:.0f} s later): killed (scancel, "
+               f"out of memory, node failure) or crashed hard.\n"
+               f"overrides: {' '.join(filter_overrides(slot.overrides))}\n"
+               f"logs: {job.paths.stderr}\n      {job.paths.stdout}")
         tail = _tail(job.paths.stderr) or _tail(job.paths.stdout)
         if tail:
             msg += "\n--- end of its log ---\n" + tail
@@ -296,9 +342,10 @@ class _BoundedWait:
                     if s.result is None:
                         where = f"id {s.job.job_id}, state {s.state}" if s.job is not None else "never submitted"
                         s.result = _failed(s, WaitTimeoutError(
-                            f"job #{s.num} ({' '.join(filter_overrides(s.overrides))}) still not done after "
-                            f"max_wait_h={self.max_wait_h} ({where}); it was left running: re-launch the same "
-                            f"sweep later to collect it (finished jobs are skipped)"))
+                            f"sweep job #{s.num} still not done after max_wait_h={self.max_wait_h} ({where}); "
+                            f"it was left running: re-launch the same sweep (same hydra.sweep.dir) later to "
+                            f"collect it (jobs with a results.json are skipped)\n"
+                            f"overrides: {' '.join(filter_overrides(s.overrides))}"))
                 return
             if any(s.result is None for s in slots):
                 time.sleep(self.poll_s)
@@ -324,7 +371,7 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
             self.params["signal_delay_s"] = new
 
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
-        todo = [s for s in slots if s.job is None]
+        todo = [s for s in slots if s.job is None and s.result is None]
         if not todo:
             return
         if shutil.which("sbatch") is None:
@@ -363,7 +410,7 @@ class LocalLauncher(_BoundedWait, _SubmititLocal):
         for s in slots:
             if running >= limit:
                 break
-            if s.job is None:
+            if s.job is None and s.result is None:
                 s.job = executor.submit(self, *s.params)
                 running += 1
 

@@ -15,7 +15,8 @@ Choices where the paper is silent (documented in the README):
   tunes it per task over {0.5 … 0}.
 
 The forward never forms a D×D matrix: ``x H(v) = x − c (x·v) vᵀ`` is O(D) per token
-(``c = 2/‖v‖²`` or 1), and H is symmetric, so ``x ΔWᵀ = ((x H(v_r))[:k] ⊙ d) H(v_l)``.
+(``c = 2/‖v‖²`` or 1), and H is symmetric, so ``x ΔWᵀ = ((x H(v_r))[:k] ⊙ d) H(v_l)``; expanded,
+that is a diagonal term plus a rank-2 one (:meth:`HouseholderDelta.low_rank`).
 """
 from __future__ import annotations
 
@@ -64,16 +65,33 @@ class HouseholderDelta(Delta):
             nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def low_rank(self):
+        """``x ΔWᵀ = pad(x[:k] ⊙ d) + (x V_in) V_out`` with V_in (in, 2+D'), V_out (2+D', out).
+
+        Expanding the two reflections: with s_r = x·v_r and t = pad((x H(v_r))[:k] ⊙ d),
+        t = pad(x[:k] ⊙ d) − c_r s_r pad(v_r[:k] ⊙ d) and t·v_l = x·pad(d ⊙ v_l[:k]) − c_r α s_r
+        (α = Σ v_r d v_l), so ``t H(v_l)`` is the diagonal term plus a rank-2 one; W_down W_up adds
+        D' more columns. One elementwise product and two thin matmuls, as cheap as LoRA."""
+        v_l, v_r, d, k = self.v_l, self.v_r, self.d, self.k
+        c_l = 2.0 / v_l.pow(2).sum() if self.orthogonal else 1.0
+        c_r = 2.0 / v_r.pow(2).sum() if self.orthogonal else 1.0
+        dv_l = F.pad(d * v_l[:k], (0, v_r.numel() - k))                 # (in,)
+        dv_r = F.pad(d * v_r[:k], (0, v_l.numel() - k))                 # (out,)
+        alpha = (d * v_r[:k] * v_l[:k]).sum()
+        vin = [v_r, dv_l]
+        vout = [c_r * (c_l * alpha * v_l - dv_r), -c_l * v_l]
+        if self.rank > 0:
+            return torch.cat([torch.stack(vin, 1), self.w_up.t()], 1), torch.cat([torch.stack(vout), self.w_down.t()])
+        return torch.stack(vin, 1), torch.stack(vout)
+
     def forward(self, x, weight, bias):
         x = self.dropout(x)
-        t = reflect(x, self.v_r.to(x.dtype), self.orthogonal)[..., : self.k] * self.d.to(x.dtype)
+        vin, vout = self.low_rank()
+        diag = x[..., : self.k] * self.d.to(x.dtype)
         out = self.v_l.numel()
         if out > self.k:
-            t = F.pad(t, (0, out - self.k))
-        y = reflect(t, self.v_l.to(x.dtype), self.orthogonal)
-        if self.rank > 0:
-            y = y + (x @ self.w_up.t().to(x.dtype)) @ self.w_down.t().to(x.dtype)
-        return y
+            diag = F.pad(diag, (0, out - self.k))
+        return diag + (x @ vin.to(x.dtype)) @ vout.to(x.dtype)
 
     def delta_weight(self, weight):
         h_l = householder_matrix(self.v_l, self.orthogonal)

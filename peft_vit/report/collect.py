@@ -77,6 +77,7 @@ IGNORED_CONFIG_KEYS = (
 class Record:
     path: str                 # relative to the collection root (for messages)
     data: Dict[str, Any]
+    file: Optional[Path] = None  # the results.json itself
 
     @property
     def method(self) -> str:
@@ -115,7 +116,7 @@ class Record:
         if self.protocol != view.protocol:
             return None
         v = self.data.get(view.field)
-        if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on") not in (None, "test"):
+        if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on", "test") != "test":
             return None  # a final record whose max selects on something else: not this view
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -191,7 +192,7 @@ def load_records(paths: Sequence[os.PathLike]) -> Collection:
         if not isinstance(data, dict):
             issues.append(f"unreadable {rel}: not a JSON object")
             continue
-        recs.append(Record(rel, data))
+        recs.append(Record(rel, data, f))
     recs.sort(key=lambda r: r.path)
     return Collection(recs, issues)
 
@@ -373,11 +374,23 @@ _DROP_OVERRIDES = ("protocol", "seed", "hydra", "skip_done")
 
 
 def _record_overrides(r: Record) -> Optional[List[str]]:
-    """The command-line overrides the run was launched with, if the record stores them."""
+    """The command-line overrides the run was launched with: from the record when it stores
+    them, else from Hydra's ``.hydra/overrides.yaml`` beside it."""
     for src in (r.data.get("overrides"), _get(r.data, "hydra.overrides.task"),
                 _get(r.config, "hydra.overrides.task")):
         if isinstance(src, list) and all(isinstance(x, str) for x in src):
             return list(src)
+    if r.file is not None:
+        f = Path(r.file).parent / ".hydra" / "overrides.yaml"
+        if f.is_file():
+            import yaml
+
+            try:
+                src = yaml.safe_load(f.read_text())
+            except (OSError, yaml.YAMLError):
+                return None
+            if isinstance(src, list) and all(isinstance(x, str) for x in src):
+                return list(src)
     return None
 
 
@@ -417,7 +430,7 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
     bad, tune = [], []
     for r in records:
         on_test = r.protocol != "tune" or r.data.get("eval_split") == "test" or "test_acc" in r.data
-        if metric == "best_acc_over_epochs" and r.data.get("best_acc_selects_on", "val") != "val":
+        if metric == "best_acc_over_epochs" and "test" in str(r.data.get("best_acc_selects_on", "test")):
             on_test = True
         (bad if on_test else tune).append(r)
     if bad:

@@ -89,15 +89,22 @@ def accuracy_vs_params_data(table: Table, protocols: Optional[Iterable[str]] = N
             skipped.append(f"{label} — {row.protocol}: no params")
             continue
         points.append({"label": label, "method": row.method, "source": row.kind, "protocol": row.protocol,
+                       "backbone": row.backbone, "front": _front_key(row.protocol, row.backbone),
                        "params_m": round(params, 6), "acc": round(cell.mean, 6),
                        **({"params_note": note} if note else {})})
     fronts = {}
-    for proto in _ordered_unique(p["protocol"] for p in points):
-        idx = [i for i, p in enumerate(points) if p["protocol"] == proto]
+    for key in _ordered_unique(p["front"] for p in points):
+        idx = [i for i, p in enumerate(points) if p["front"] == key]
         front = pareto_front([(points[i]["params_m"], points[i]["acc"]) for i in idx])
-        fronts[proto] = [points[idx[j]]["label"] for j in front]
+        fronts[key] = [points[idx[j]]["label"] for j in front]
     return {"benchmark": b.name, "x": "trainable params incl. head (M, mean over tasks)",
             "y": f"{b.mean_title} accuracy (%)", "points": points, "pareto_fronts": fronts, "skipped": skipped}
+
+
+def _front_key(protocol: str, backbone: str) -> str:
+    """One Pareto front per protocol and backbone: neither protocols nor pre-trainings share one."""
+    mark = BACKBONE_MARKS.get(backbone)
+    return protocol + ("" if mark == "" else f" [{'*' if mark == '*' else backbone}]")
 
 
 def _ordered_unique(xs: Iterable[str]) -> List[str]:
@@ -121,18 +128,21 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
     data = accuracy_vs_params_data(table, protocols)
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for proto in _ordered_unique(p["protocol"] for p in data["points"]):
-        pts = [p for p in data["points"] if p["protocol"] == proto]
-        color = _COLORS.get(proto, None)
+    for key in _ordered_unique(p["front"] for p in data["points"]):
+        pts = [p for p in data["points"] if p["front"] == key]
+        star = key != pts[0]["protocol"]  # another backbone: hollow markers, dotted front
+        color = _COLORS.get(pts[0]["protocol"], None)
         for src, marker in (("ours", "o"), ("paper", "^")):
             sel = [p for p in pts if p["source"] == src]
             if sel:
                 ax.scatter([p["params_m"] for p in sel], [p["acc"] for p in sel], marker=marker, s=40,
-                           color=color, label=f"{'ours' if src == 'ours' else 'paper'}: {proto}", zorder=3)
-        front = [next(p for p in pts if p["label"] == lab) for lab in data["pareto_fronts"].get(proto, [])]
+                           color=color, label=key if src == "paper" else f"ours: {key}", zorder=3,
+                           **({"facecolors": "none", "edgecolors": color} if star else {}))
+        front = [next(p for p in pts if p["label"] == lab) for lab in data["pareto_fronts"].get(key, [])]
         if len(front) > 1:
             ax.step([p["params_m"] for p in front], [p["acc"] for p in front], where="post", color=color,
-                    alpha=0.6, lw=1.2, ls="--" if front[0]["source"] == "paper" else "-", zorder=2)
+                    alpha=0.6, lw=1.2, ls=":" if star else ("--" if front[0]["source"] == "paper" else "-"),
+                    zorder=2)
         if annotate:
             for p in pts:
                 ax.annotate(p["label"], (p["params_m"], p["acc"]), fontsize=6, xytext=(3, 3),
@@ -140,7 +150,7 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
     ax.set_xscale("log")
     ax.set_xlabel(data["x"])
     ax.set_ylabel(data["y"])
-    ax.set_title(f"{table.benchmark.title}: accuracy vs trainable parameters (lines: Pareto front per protocol)",
+    ax.set_title(f"{table.benchmark.title}: accuracy vs trainable parameters (lines: Pareto front per protocol and backbone)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if data["points"]:
@@ -222,7 +232,11 @@ def householder_rank_data(records: Sequence[Record]) -> Dict[str, Any]:
             crow.append(len(vals))
         grid.append(row)
         counts.append(crow)
+    thresholds = sorted({float(r.data["householder"]["rank_threshold"]) for r in records
+                         if isinstance(r.data.get("householder"), dict)
+                         and isinstance(r.data["householder"].get("rank_threshold"), (int, float))})
     return {"tasks": tasks, "n_records": len(records), "layers": layers, "matrices": mats,
+            "rank_threshold": thresholds,
             "mean_effective_rank": grid, "n_tasks": counts,
             "full_rank": sorted(set(full.values())) if full else None,
             "aggregation": "per task: mean over seeds; then mean over tasks"}
@@ -251,7 +265,8 @@ def plot_householder_ranks(records: Sequence[Record], stem: Path, title: str = "
     a1.set_xlabel("matrix")
     a1.set_ylabel("layer")
     a2.set_xlabel("layer")
-    a2.set_ylabel("effective rank of H(v_l) diag(d) H(v_r)")
+    thr = ", ".join(f"{t:g}" for t in data["rank_threshold"]) or "?"
+    a2.set_ylabel(f"effective rank of H(v_l) diag(d) H(v_r)\n(#|d_i| > {thr}·max|d|)")
     a2.grid(True, alpha=0.3)
     fig.suptitle(f"HTA per-layer effective rank, mean over {len(data['tasks'])} tasks"
                  + (f" — {title}" if title else ""), fontsize=9)

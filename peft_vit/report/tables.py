@@ -45,54 +45,31 @@ class Benchmark:
         return None if self.mean_classes is None else HEAD_IN * self.mean_classes / 1e6
 
 
-# SPEC §3, used only while the task registry cannot be imported (tests check they agree)
-_SPEC_VTAB = {
-    "natural": ["cifar", "caltech101", "dtd", "flowers", "pets", "svhn", "sun397"],
-    "specialized": ["camelyon", "eurosat", "resisc45", "retinopathy"],
-    "structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                   "smallnorb_azi", "smallnorb_ele"],
-}
-
-
 def vtab_tasks() -> Dict[str, str]:
-    """task -> group, in the papers' column order, from ``peft_vit.data.vtab.TASKS``."""
-    try:
-        from ..data.vtab import TASKS
-    except ImportError:  # the registry is not there (yet): SPEC §3
-        return {t: g for g, ts in _SPEC_VTAB.items() for t in ts}
+    """task -> group, in the papers' column order, from the task registry."""
+    from ..data.vtab import TASKS
+
     return {t: TASKS[t].group for t in TASKS}
 
 
 def vtab_benchmark() -> Benchmark:
-    """Task order and groups from the task registry (``peft_vit.data.vtab.TASKS``)."""
-    task_groups = vtab_tasks()
-    tasks = list(task_groups)
+    """Task order, groups and class counts from ``peft_vit.data.vtab.TASKS``."""
+    from ..data.vtab import TASKS
+
+    tasks = list(TASKS)
     groups: Dict[str, List[str]] = {}
     for t in tasks:
-        groups.setdefault(task_groups[t], []).append(t)
-    try:
-        from ..data.vtab import TASKS
-
-        ncls = [getattr(TASKS[t], "num_classes", None) for t in tasks]
-    except ImportError:
-        ncls = [None]
-    mean_classes = sum(ncls) / len(ncls) if all(isinstance(c, int) for c in ncls) else 940 / 19
+        groups.setdefault(TASKS[t].group, []).append(t)
+    mean_classes = sum(TASKS[t].num_classes for t in tasks) / len(tasks)
     return Benchmark("vtab", "VTAB-1k", tasks, groups, f"mean{len(tasks)}", mean_classes)
 
 
-# FGVC (SPEC §4): dataset name -> classes, in the papers' column order
-FGVC_CLASSES = {"cub": 200, "nabirds": 555, "flowers": 102, "dogs": 120, "cars": 196}
-
-
 def fgvc_benchmark() -> Benchmark:
-    try:  # the dataset registry, when it has one
-        from ..data.fgvc import DATASETS  # type: ignore
+    """Dataset order and class counts from ``peft_vit.data.fgvc.DATASETS``."""
+    from ..data.fgvc import DATASETS
 
-        names = [n for n in FGVC_CLASSES if n in DATASETS] + [n for n in DATASETS if n not in FGVC_CLASSES]
-    except (ImportError, AttributeError):
-        names = list(FGVC_CLASSES)
-    ncls = [FGVC_CLASSES.get(n) for n in names]
-    mean_classes = sum(ncls) / len(ncls) if all(ncls) else None
+    names = list(DATASETS)
+    mean_classes = sum(DATASETS[n].num_classes for n in names) / len(names)
     return Benchmark("fgvc", "FGVC", names, {}, "mean", mean_classes)
 
 

@@ -1,0 +1,198 @@
+"""The experiment presets of configs/experiment/ compose and carry the values of SPEC §2.1 and §5."""
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONFIGS, compose
+
+PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest"]
+
+# SPEC §5, copied verbatim: RLRR's per-task lr / wd / drop / flip
+SPEC_RLRR = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
+  flowers 3e-3/5e-2/.3/no · pets 1e-3/5e-5/.1/yes · svhn 5e-3/5e-5/.3/no ·
+  sun397 1e-3/5e-5/.1/no · camelyon 3e-3/5e-2/.3/yes · eurosat 1e-3/5e-5/.1/yes ·
+  resisc45 3e-3/5e-5/0/no · retinopathy 5e-3/5e-5/.1/yes · clevr_count 5e-3/5e-5/.5/yes ·
+  clevr_dist 1e-2/5e-5/.2/yes · dmlab 5e-3/5e-5/.3/yes · kitti 3e-3/5e-2/.3/yes ·
+  dsprites_loc 1e-2/5e-5/.1/no · dsprites_ori 5e-3/5e-5/.1/no ·
+  smallnorb_azi 5e-3/5e-2/.3/no · smallnorb_ele 1e-3/5e-5/.3/yes."""
+
+
+def spec_rlrr():
+    out = {}
+    for item in SPEC_RLRR.replace("\n", " ").rstrip(".").split("·"):
+        name, vals = item.split()
+        lr, wd, drop, flip = vals.split("/")
+        out[name] = (float(lr), float(wd), float(drop), flip == "yes")
+    return out
+
+
+def vtab_task_names():
+    from peft_vit.report import vtab_tasks
+
+    return list(vtab_tasks())
+
+
+def has_dataset(task):
+    return (CONFIGS / "dataset" / "vtab" / f"{task}.yaml").exists()
+
+
+def job(cfg):
+    """The job config, every interpolation resolved (what the loop records)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_and_resolves(preset):
+    text = (CONFIGS / "experiment" / f"{preset}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    cfg = compose(f"experiment={preset}")
+    j = job(cfg)
+    assert j["protocol"] in ("tune", "final") and j["logger"]["group"] == preset
+    assert cfg.hydra.runtime.choices.experiment == preset
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_sets_only_known_keys(preset):
+    """A typo (trainer.eval_evry) would silently add a key nobody reads: every key a preset sets
+    must exist in the composed default config, except the few documented new ones."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml"))
+    base = job(compose())
+    method = compose(f"experiment={preset}").method.name
+    base["method"] = job(compose(f"method={method}"))["method"]
+    new_ok = {"optim.cooldown_epochs"}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                yield from walk(v, key + ".")
+            else:
+                yield key
+
+    for key in walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra", "rlrr_hparams")}):
+        node = base
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else KeyError
+        assert node is not KeyError or key in new_ok, f"{preset}: {key} is not a key of the composed config"
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_vtab_noah(method):
+    c = compose("experiment=vtab_noah", f"method={method}")
+    assert c.method.name == method and c.protocol == "final" and c.seed == 0
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_epochs, c.optim.warmup_lr, c.optim.min_lr) == \
+        (1e-3, 1e-4, 10, 1e-6, 1e-5)
+    assert (c.trainer.batch_size, c.trainer.epochs, c.trainer.eval_every) == (64, 100, 1)
+    assert c.model.drop_path_rate == 0.1 and c.dataset.normalize == "imagenet" and c.dataset.flip is False
+    assert c.optim.name == "adamw"
+    assert compose("experiment=vtab_noah").method.name == "lora"  # the preset's default method
+
+
+def test_vtab_rlrr_dtd():
+    """`python train.py experiment=vtab_rlrr dataset=vtab/dtd`: dtd's row of SPEC §5."""
+    args = ["experiment=vtab_rlrr", "dataset=vtab/dtd"] if has_dataset("dtd") else \
+        ["experiment=vtab_rlrr", "dataset.task=dtd"]
+    c = compose(*args)
+    assert c.dataset.task == "dtd"
+    assert c.optim.lr == 2e-3 and c.optim.weight_decay == 5e-5 and c.dataset.flip is True
+    assert c.method.name == "rlrr" and c.method.drop == 0.1 and c.model.drop_path_rate == 0.1
+
+
+@pytest.mark.skipif(not has_dataset("dtd"), reason="configs/dataset/vtab/dtd.yaml not written yet")
+def test_vtab_rlrr_dtd_dataset_config():
+    c = compose("experiment=vtab_rlrr", "dataset=vtab/dtd")
+    assert (c.optim.lr, c.optim.weight_decay, c.dataset.flip, c.method.drop) == (2e-3, 5e-5, True, 0.1)
+
+
+@pytest.mark.parametrize("task", sorted(spec_rlrr()))
+def test_vtab_rlrr_every_task(task):
+    lr, wd, drop, flip = spec_rlrr()[task]
+    args = [f"dataset=vtab/{task}"] if has_dataset(task) else [f"dataset.task={task}"]
+    c = compose("experiment=vtab_rlrr", *args)
+    j = job(c)
+    assert j["optim"]["lr"] == lr and j["optim"]["weight_decay"] == wd
+    assert j["method"]["drop"] == drop and j["model"]["drop_path_rate"] == drop and j["dataset"]["flip"] is flip
+    assert j["dataset"]["normalize"] == "half"
+    assert (j["trainer"]["batch_size"], j["trainer"]["epochs"], j["optim"]["cooldown_epochs"]) == (32, 110, 10)
+    assert (j["optim"]["warmup_epochs"], j["optim"]["warmup_lr"], j["optim"]["min_lr"]) == (10, 1e-7, 1e-8)
+
+
+def test_vtab_rlrr_table_covers_the_registry():
+    table = OmegaConf.load(CONFIGS / "experiment" / "vtab_rlrr.yaml").rlrr_hparams.vtab
+    assert list(table) == vtab_task_names() and set(table) == set(spec_rlrr())
+
+
+def test_vtab_rlrr_command_line_wins():
+    c = compose("experiment=vtab_rlrr", "dataset.task=dtd", "optim.lr=0.01", "dataset.flip=false")
+    assert c.optim.lr == 0.01 and c.dataset.flip is False and c.optim.weight_decay == 5e-5
+
+
+def test_vtab_rlrr_other_method():
+    c = compose("experiment=vtab_rlrr", "method=householder", "~method.drop", "dataset.task=svhn")
+    assert c.method.name == "householder" and "drop" not in c.method and c.model.drop_path_rate == 0.3
+    import peft_vit
+
+    job(c)
+    peft_vit.get_method(c.method.name, **{k: v for k, v in OmegaConf.to_container(c.method).items() if k != "name"})
+
+
+def test_vtab_rlrr_rejects_a_dataset_without_a_row():
+    c = compose("experiment=vtab_rlrr", "dataset=demo/digits")
+    with pytest.raises(Exception):
+        job(c)
+
+
+HTA_LR = [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001]   # SPEC §2.1
+HTA_WD = [0.05, 0.01, 0.005, 0.001, 0.0]
+
+
+def grid(cfg, key):
+    return [float(x) for x in str(cfg.hydra.sweeper.params[key]).split(",")]
+
+
+def test_vtab_hta():
+    c = compose("experiment=vtab_hta", "dataset.task=dtd")
+    assert c.method.name == "householder" and c.protocol == "tune"
+    assert grid(c, "optim.lr") == HTA_LR and grid(c, "optim.weight_decay") == HTA_WD
+    assert (c.trainer.epochs, c.optim.warmup_epochs, c.optim.name) == (100, 10, "adamw")
+    assert c.optim.lr in HTA_LR and c.optim.weight_decay in HTA_WD
+    assert c.trainer.eval_every == 1
+
+
+def test_vtab_honest():
+    c = compose("experiment=vtab_honest", "method=householder")
+    assert c.protocol == "tune" and c.method.name == "householder"
+    assert len(grid(c, "optim.lr")) * len(grid(c, "optim.weight_decay")) == 15
+    assert c.optim.lr in grid(c, "optim.lr") and c.optim.weight_decay in grid(c, "optim.weight_decay")
+    assert c.dataset.normalize == "imagenet" and c.trainer.epochs == 100
+
+
+def _sweep_jobs(cfg, cli):
+    """The jobs Hydra's basic sweeper makes from the preset's grid and a command line."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = dict(cfg.hydra.sweeper.params or {})
+    conf = [f"{k}={v}" for k, v in params.items()] + list(cli)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(conf), None)
+    return [job for batch in batches for job in batch]
+
+
+@pytest.mark.parametrize("preset,n", [("vtab_honest", 15), ("vtab_hta", 35)])
+def test_grid_then_final_on_the_command_line(preset, n):
+    c = compose(f"experiment={preset}")
+    assert len(_sweep_jobs(c, [])) == n
+    # the final jobs written by select_best: the command line's lr / wd replace the grid
+    final = ["optim.lr=0.001", "optim.weight_decay=0.0001", "protocol=final", "seed=0,1,2"]
+    jobs = _sweep_jobs(c, final)
+    assert len(jobs) == 3
+    for i, j in enumerate(jobs):
+        assert sorted(j) == sorted(["optim.lr=0.001", "optim.weight_decay=0.0001", "protocol=final", f"seed={i}"])
+        cj = compose(f"experiment={preset}", *j)
+        assert cj.protocol == "final" and cj.optim.lr == 1e-3 and cj.seed == i
+
+
+def test_vtab_rlrr_flips_match_the_task_registry():
+    from peft_vit.data.vtab import TASKS
+
+    table = OmegaConf.load(CONFIGS / "experiment" / "vtab_rlrr.yaml").rlrr_hparams.vtab
+    assert {t: bool(v.flip) for t, v in table.items()} == {t: TASKS[t].flip for t in TASKS}

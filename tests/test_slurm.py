@@ -1,0 +1,288 @@
+"""SLURM sweeps on a real single-node SLURM cluster (scripts/slurm_local.sh: Debian's munge,
+slurmctld, slurmd, slurmdbd + MariaDB, started here if not running), through
+configs/hydra/launcher/slurm.yaml and peft_vit.engine.launcher.SlurmLauncher:
+
+* a 2 methods x 2 VTAB tasks multirun runs as one job array and completes; make_table renders it;
+* re-launching the finished sweep submits nothing (skip_done);
+* a job sent `scancel --signal=USR2` mid-training checkpoints, is requeued by submitit, resumes
+  and ends with exactly the numbers of an uninterrupted run;
+* a job killed without writing a result (`scancel`) is reported within lost_after_s and the
+  sweep exits non-zero instead of hanging.
+
+The cluster needs root and apt-get (or the packages already installed); without them the
+cluster tests skip, loudly. The launcher's wait logic is also unit-tested without a cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_sweep_local import (REPO, check_sweep, check_table, job_env, make_vtab, results, run,  # noqa: E402
+                              sweep_args)
+
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+# the test cluster has no GPU gres and 2 CPUs: 1 CPU and 1 GB per job, 2 jobs at a time.
+# timeout_min=60: submitit counts a SIGUSR2 as a time-out (not a pre-emption) once a job ran
+# min(0.8 x limit, limit - 10 min); with 60 min a test signal is a pre-emption.
+SLURM = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=60", "hydra.launcher.poll_s=1", "hydra.launcher.lost_after_s=5"]
+
+
+# ------------------------------------------------------------------ the launcher's wait, no cluster
+class _FakeJob:
+    def __init__(self, job_id: str, folder: Path):
+        self.job_id = job_id
+        self.paths = SimpleNamespace(result_pickle=folder / f"{job_id}_result.pkl",
+                                     stderr=folder / f"{job_id}.err", stdout=folder / f"{job_id}.out")
+
+    def results(self):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=self.job_id)]
+
+
+def _waiter(states_seq, tmp_path, lost_after_s=0.3):
+    """A SlurmLauncher whose scheduler answers from ``states_seq`` (one dict per poll; a job id
+    absent = the scheduler does not know it) and whose job writes its result when the sequence
+    says "RESULT"."""
+    from peft_vit.engine.launcher import SlurmLauncher, _Slot
+
+    class Fake(SlurmLauncher):
+        def _submit(self, executor, slots):
+            for s in slots:
+                if s.job is None and s.result is None:
+                    s.job = _FakeJob(f"7_{s.num}", tmp_path)
+
+        def _states(self, slots):
+            step = states_seq.pop(0) if len(states_seq) > 1 else states_seq[0]
+            out = {}
+            for jid, st in step.items():
+                if st == "RESULT":
+                    (tmp_path / f"{jid}_result.pkl").write_text("x")
+                    st = "COMPLETING"
+                out[jid] = st
+            return out
+
+    launcher = Fake(poll_s=0.05, lost_after_s=lost_after_s, max_wait_h=None, timeout_min=60, signal_delay_s=90)
+    slots = [_Slot(num=i, overrides=[f"seed={i}"], params=()) for i in range(2)]
+    return launcher, slots
+
+
+def test_wait_reports_job_the_scheduler_forgot(tmp_path):
+    """No accounting: the job vanishes from squeue without a result. Reported, not waited for."""
+    from hydra.core.utils import JobStatus
+
+    from peft_vit.engine.launcher import JobDiedError
+
+    (tmp_path / "7_1.err").write_text("Traceback ...\nMemoryError\n")
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path)
+    t0 = time.time()
+    launcher._wait(None, slots)
+    assert time.time() - t0 < 5
+    assert slots[0].result.status == JobStatus.COMPLETED and slots[0].result.return_value == "7_0"
+    assert slots[1].result.status == JobStatus.FAILED
+    err = slots[1].result._return_value
+    assert isinstance(err, JobDiedError)
+    assert "7_1" in str(err) and "without writing a result" in str(err) and "MemoryError" in str(err)
+
+
+def test_wait_follows_a_requeued_job(tmp_path):
+    """PREEMPTED -> REQUEUED -> PENDING -> RUNNING is not death: waited for, then collected."""
+    from hydra.core.utils import JobStatus
+
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "PREEMPTED", "7_1": "RESULT"}, {"7_0": "REQUEUED"}]
+    seq += [{"7_0": "PENDING"}] * 10 + [{"7_0": "RUNNING"}] * 3 + [{"7_0": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
+    launcher._wait(None, slots)
+    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
+
+
+def test_wait_is_bounded_by_max_wait_h(tmp_path):
+    from hydra.core.utils import JobStatus
+
+    from peft_vit.engine.launcher import WaitTimeoutError
+
+    launcher, slots = _waiter([{"7_0": "PENDING", "7_1": "PENDING"}], tmp_path)
+    launcher.max_wait_h = 0.5 / 3600
+    t0 = time.time()
+    launcher._wait(None, slots)
+    assert time.time() - t0 < 5
+    assert all(s.result.status == JobStatus.FAILED and isinstance(s.result._return_value, WaitTimeoutError)
+               for s in slots)
+
+
+def test_signal_delay_is_cut_below_short_time_limits():
+    from peft_vit.engine.launcher import SlurmLauncher, _expand
+
+    assert SlurmLauncher(timeout_min=2, signal_delay_s=120).params["signal_delay_s"] == 12
+    assert SlurmLauncher(timeout_min=720, signal_delay_s=90).params["signal_delay_s"] == 90
+    assert _expand("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"] and _expand("12_3") == ["12_3"]
+
+
+def test_presets_compose():
+    from conftest import compose
+
+    cfg = compose("hydra/launcher=slurm")
+    lc = cfg.hydra.launcher
+    assert lc._target_ == "hydra_plugins.peft_vit_launcher.SlurmLauncher"
+    assert lc.additional_parameters.requeue is True and lc.max_num_timeout > 0
+    assert 0 < lc.signal_delay_s < lc.timeout_min * 60 / 2
+    cfg = compose("hydra/launcher=local")
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.peft_vit_launcher.LocalLauncher"
+
+
+# ------------------------------------------------------------------ the real cluster
+def _cluster_up() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() in ("idle", "mix", "alloc")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """scripts/slurm_local.sh start (installs the Debian packages if missing); stopped at the end
+    only if this session started it."""
+    started = False
+    if not _cluster_up():
+        have_pkgs = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariadbd"))
+        if not have_pkgs and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+            pytest.skip("!!! SLURM TESTS SKIPPED: the local SLURM cluster needs root and apt-get (Debian/Ubuntu) "
+                        "to install munge/slurmctld/slurmd/slurmdbd/mariadb-server; they did NOT run !!!")
+        if os.geteuid() != 0:
+            pytest.skip("!!! SLURM TESTS SKIPPED: scripts/slurm_local.sh start needs root; they did NOT run !!!")
+        p = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, f"scripts/slurm_local.sh start failed:\n{p.stdout}\n{p.stderr}"
+        started = True
+    assert _cluster_up()
+    yield
+    if started:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def vtab_root(tmp_path_factory):
+    return make_vtab(tmp_path_factory.mktemp("vtab-1k"))
+
+
+@pytest.fixture(scope="module")
+def slurm_sweep(slurm_cluster, tmp_path_factory, vtab_root):
+    sweep = tmp_path_factory.mktemp("sweep-slurm")
+    cmd = sweep_args(sweep, "slurm", vtab_root, extra=SLURM)
+    p = run(cmd, timeout=900)
+    return sweep, cmd, p
+
+
+def _job_dirs(sweep: Path):
+    """submitit's per-job folders: <job> or, in an array, <array>_<task>."""
+    return sorted(d.name for d in (sweep / ".submitit").iterdir() if d.name.replace("_", "").isdigit())
+
+
+def test_slurm_sweep_runs_as_job_array(slurm_sweep, tmp_path):
+    sweep, _, p = slurm_sweep
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "all 4 jobs completed" in p.stdout + p.stderr
+    check_sweep(sweep)
+    # one array, tasks 0..3: submitit folders <array>_<task>, and SLURM accounting agrees
+    dirs = [d for d in _job_dirs(sweep) if "_" in d]
+    arrays = {d.split("_")[0] for d in dirs}
+    assert len(arrays) == 1 and sorted(d.split("_")[1] for d in dirs) == ["0", "1", "2", "3"], _job_dirs(sweep)
+    acct = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", arrays.pop()],
+                          capture_output=True, text=True).stdout
+    assert len([ln for ln in acct.splitlines() if "_" in ln.split("|")[0]]) == 4, acct
+    check_table(sweep, tmp_path / "report")
+
+
+def test_slurm_relaunch_runs_nothing(slurm_sweep):
+    sweep, cmd, first = slurm_sweep
+    assert first.returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in results(sweep)}
+    dirs = _job_dirs(sweep)
+    p = run(cmd, timeout=300)
+    assert p.returncode == 0, p.stderr[-5000:]
+    log = p.stdout + p.stderr
+    assert log.count("[skip: ") == 4 and "submitted job array" not in log, log[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in results(sweep)} == before
+    assert _job_dirs(sweep) == dirs  # no job was submitted
+
+
+def _wait_for_log(sweep: Path, text: str, timeout: float, proc=None) -> Path:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for log in (sweep / ".submitit").glob("*/*_log.out"):
+            if text in log.read_text(errors="replace"):
+                return log
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {text!r} appeared:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.25)
+    raise AssertionError(f"{text!r} did not appear in a job log within {timeout} s")
+
+
+# digits: 1000 training images, 16 steps of 64 per epoch; 4 epochs leave time to signal mid-run
+DIGITS = ["model=vit_tiny_test", "dataset=demo/digits", "logger=none", "trainer.num_workers=0", "trainer.epochs=4",
+          "trainer.batch_size=64", "trainer.eval_every=1", "trainer.progress=false", "method=full", "seed=0"]
+
+
+def test_usr2_requeues_resumes_and_matches_uninterrupted(slurm_cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", *SLURM, *DIGITS,
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the uninterrupted reference run, meanwhile, outside SLURM
+    ref = subprocess.Popen([sys.executable, str(REPO / "train.py"), *DIGITS, f"hydra.run.dir={tmp_path / 'ref'}"],
+                           cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = _wait_for_log(sweep, "[peft-vit] epoch 1:", 300, proc)  # mid-training: 3 epochs to go
+        job_id = log.parent.name
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        out, _ = proc.communicate(timeout=400)
+        ref_out, _ = ref.communicate(timeout=300)
+    finally:
+        for p in (proc, ref):
+            if p.poll() is None:
+                p.kill()
+    assert proc.returncode == 0, out[-5000:]
+    assert ref.returncode == 0, ref_out[-3000:]
+    text = log.read_text()
+    assert "signal 12: checkpoint saved" in text, text[-3000:]
+    assert f"Requeued job {job_id}" in text, text[-3000:]
+    assert "[peft-vit] resumed from" in text and text.count("Starting with JobEnvironment") == 2, text[-3000:]
+    saved = text.split("signal 12: checkpoint saved at ")[1].split("\n")[0]
+    assert saved != "epoch 4, step 16" and not saved.startswith("epoch 0,"), saved  # it was mid-training
+    acct = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,State", "-j", job_id],
+                          capture_output=True, text=True).stdout
+    assert "REQUEUED" in acct, acct
+    (got,) = results(sweep).values()
+    want = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert got["history"] == want["history"], (got["history"], want["history"])
+    assert got["test_acc"] == want["test_acc"] and got["best_acc_over_epochs"] == want["best_acc_over_epochs"]
+    assert not list(sweep.rglob("checkpoint.pt"))  # removed once results.json is written
+
+
+def test_killed_job_is_reported_not_waited_for(slurm_cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", *SLURM, *DIGITS,
+           "trainer.epochs=100", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = _wait_for_log(sweep, "[peft-vit] full on demo/digits", 300, proc)
+        job_id = log.parent.name
+        subprocess.run(["scancel", job_id], check=True)
+        killed = time.time()
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    waited = time.time() - killed
+    assert proc.returncode != 0
+    assert f"slurm job {job_id}" in out and "ended without writing a result" in out, out[-4000:]
+    assert "CANCELLED" in out and "JobDiedError" in out, out[-4000:]
+    assert waited < 60, waited  # lost_after_s=5, poll_s=1
+    assert not results(sweep)
