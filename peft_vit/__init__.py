@@ -8,14 +8,12 @@ Public API::
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-from .backbone import create_backbone
-from .methods import METHODS, count_parameters, get_method, merge
-
-__all__ = ["build_model", "count_parameters", "merge", "METHODS", "create_backbone"]
+__all__ = ["build_model", "count_parameters", "merge", "METHODS", "get_method", "create_backbone"]
 __version__ = "0.1.0"
 
 
@@ -30,7 +28,21 @@ def _plain(cfg: Any) -> dict:
     return dict(cfg)
 
 
-def build_model(cfg: Mapping) -> nn.Module:
+def __getattr__(name: str):
+    """Lazy public API: importing ``peft_vit`` (e.g. for ``peft_vit.config`` in scripts) does not
+    load torch and timm until a model-related name is used."""
+    if name in ("count_parameters", "merge", "METHODS", "get_method"):
+        from . import methods
+
+        return getattr(methods, name)
+    if name == "create_backbone":
+        from .backbone import create_backbone
+
+        return create_backbone
+    raise AttributeError(f"module 'peft_vit' has no attribute {name!r}")
+
+
+def build_model(cfg: Mapping) -> "nn.Module":
     """Backbone from ``cfg.model`` with the method of ``cfg.method`` injected and its trainable
     set marked. ``cfg`` is the composed Hydra config (or any mapping with ``model`` and
     ``method``)."""
@@ -40,6 +52,9 @@ def build_model(cfg: Mapping) -> nn.Module:
         checkpoint=mcfg.get("checkpoint"), drop_path_rate=float(mcfg.get("drop_path_rate", 0.0)),
         img_size=int(mcfg.get("img_size", 224)), overrides=mcfg.get("overrides") or {},
     )
+    from .backbone import create_backbone
+    from .methods import get_method
+
     model = create_backbone(**kwargs)
     method_cfg = _plain(cfg["method"])
     method = get_method(method_cfg.pop("name"), **method_cfg)

@@ -10,7 +10,8 @@
 
 Frozen backbone weights are not in a run's files: the backbone is rebuilt from ``cfg.model`` (hub
 cache or ``model.checkpoint=/path``), so pass the same weights the run used (add the override
-``model.checkpoint=...`` if needed). The output is ``model.state_dict()`` of the merged
+``model.checkpoint=...`` if needed); a randomly initialised backbone (``model.pretrained=false``)
+is rebuilt from the run's seed, as the loop builds it. The output is ``model.state_dict()`` of the merged
 ``VisionTransformer`` in safetensors; load it with timm alone::
 
     timm.create_model(name, pretrained=True, num_classes=C, img_size=..., **overrides,
@@ -79,11 +80,15 @@ def timm_kwargs(mcfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def export(cfg, out: str, weights: Optional[str] = None) -> Dict[str, Any]:
+    import torch
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     import peft_vit
 
+    # the loop seeds before building: a randomly initialised backbone (model.pretrained=false, the
+    # quickstart) and the method's initial values are then rebuilt exactly
+    torch.manual_seed(int(cfg.get("seed", 0)))
     model = peft_vit.build_model(cfg)
     info: Dict[str, Any] = {}
     if weights:

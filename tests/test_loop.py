@@ -108,3 +108,21 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     wa, wb = load_file(one / "trainable.safetensors"), load_file(two / "trainable.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+
+
+def test_schedule_warmup_cosine_cooldown():
+    from omegaconf import OmegaConf
+
+    from peft_vit.engine.loop import build_scheduler
+
+    ocfg = OmegaConf.create(dict(lr=1e-3, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=2))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
+    sched = build_scheduler(opt, ocfg, epochs=12, steps_per_epoch=5)
+    lrs = []
+    for n in range(60):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step_update(n + 1)
+    assert lrs[0] == pytest.approx(1e-6)                            # warm-up starts at warmup_lr
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # linear rise, per iteration
+    assert all(a >= b for a, b in zip(lrs[10:50], lrs[11:51]))      # cosine decay
+    assert lrs[50:] == pytest.approx([1e-5] * 10)                   # cool-down held at min_lr

@@ -166,3 +166,29 @@ def build(dcfg, protocol: str) -> DataSplits:
     ev = ImageList(parts[eval_split], fgvc_eval_transform(size, interp), normalize)
     names = SPLIT_NAMES[protocol]
     return DataSplits(train, ev, names[0], names[1], ds.num_classes)
+
+
+def check(ds: FGVCSet, root, images: bool = True) -> dict:
+    """What is on disk for ``ds`` (scripts/prepare_fgvc.py --check, scripts/verify_data.py): the
+    folder, per split file the images listed vs VPT's count and missing image files, and errors."""
+    root = Path(root).expanduser()
+    report = {"dataset": ds.name, "folder": None, "splits": {}, "error": None}
+    folder, _ = resolve_folder(root, ds.folders, "train.json")
+    if folder is None:
+        report["error"] = missing_message(ds, root, "train.json")
+    else:
+        report["folder"] = folder
+        try:
+            _, lists = listings(ds, root)
+        except (ValueError, FileNotFoundError) as e:
+            report["error"], lists = str(e), {}
+        for split, expected in ds.expected_sizes().items():
+            row = {"expected": expected, "found": None, "missing": None}
+            if split in lists:
+                row["found"] = len(lists[split])
+                if images:
+                    row["missing"] = sum(not os.path.isfile(p) for p in lists[split].paths)
+            report["splits"][split] = row
+    report["ok"] = report["error"] is None and all(
+        r["found"] == r["expected"] and not r["missing"] for r in report["splits"].values())
+    return report

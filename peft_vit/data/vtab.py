@@ -277,3 +277,26 @@ def build(dcfg, protocol: str) -> DataSplits:
     ev = in_memory(eval_split, False) if eval_split != "test" else ImageList(lists[eval_split], resize, normalize)
     return DataSplits(train, ev, train_split, eval_split, task.num_classes)
 
+
+
+def check(task: Task, root, images: bool = True) -> dict:
+    """What is on disk for ``task`` (for scripts/verify_data.py): the folder found, and per split
+    the images listed vs VTAB-1k's count, missing image files and any list error."""
+    folder, incomplete = resolve_folder(Path(root).expanduser(), task.folders, "train800val200.txt")
+    if folder is None:
+        folder, _ = resolve_folder(Path(root).expanduser(), task.folders, "test.txt")
+    report = {"task": task.name, "folder": folder, "incomplete": incomplete, "splits": {}}
+    for split, expected in task.expected_sizes().items():
+        row = {"expected": expected, "found": None, "missing": None, "error": None}
+        if folder is not None and (folder / f"{split}.txt").is_file():
+            try:
+                listing = read_list(folder / f"{split}.txt", task.num_classes)
+                row["found"] = len(listing)
+                if images:
+                    row["missing"] = sum(not Path(p).is_file() for p in listing.paths)
+            except ValueError as e:
+                row["error"] = str(e)
+        report["splits"][split] = row
+    report["ok"] = all(r["found"] == r["expected"] and not r["missing"] and not r["error"]
+                       for r in report["splits"].values())
+    return report

@@ -29,6 +29,7 @@ registers the config schemas below. ``configs/hydra/launcher/{slurm,local}.yaml`
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -44,7 +45,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +229,13 @@ class _BoundedWait:
         slots, done = [], []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
-            params = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            # the job's config, composed now: a job that starts (or restarts after a requeue)
+            # later runs with it, not with whatever configs/ holds by then
+            job_cfg = self._compose(list(overrides))
+            params = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state(), job_cfg)
             slot = _Slot(num=idx, overrides=list(overrides), params=params)
             slots.append(slot)
-            finished = self._finished_result(slot)
+            finished = self._finished_result(slot, job_cfg)
             if finished is not None:
                 # skip_done, before submission: nothing is queued for a job that has its results
                 slot.result = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
@@ -256,21 +260,45 @@ class _BoundedWait:
                 log.error(f"\t#{s.num} ({' '.join(filter_overrides(s.overrides))}): {first}")
         return [s.result for s in slots]  # type: ignore[misc]
 
-    def _finished_result(self, slot: _Slot) -> Optional[Path]:
+    def _compose(self, overrides: List[str]) -> Optional[DictConfig]:
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # type: ignore
+        except Exception as e:  # noqa: BLE001 - let the job compose it (and report the error) as Hydra does
+            log.debug(f"composing {overrides} in the launcher failed: {e}")
+            return None
+
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton], sweep_config: Optional[DictConfig] = None) -> JobReturn:
+        """In the job: as BaseSubmititLauncher.__call__, but with the config composed at submission
+        (so a requeued job finds its checkpoint in the same job dir even if configs/ changed)."""
+        if sweep_config is None:
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)  # type: ignore
+        import submitit
+        from hydra.core.utils import run_job, setup_globals
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = copy.deepcopy(sweep_config)
+        with open_dict(sweep_config.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            job.num = job_num
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function,  # type: ignore
+                       config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+    def _finished_result(self, slot: _Slot, cfg: Optional[DictConfig]) -> Optional[Path]:
         """<job dir>/results.json when the job's config has skip_done and the file exists.
         The job dir is computed as Hydra's run_job does (sweep.dir / sweep.subdir); a subdir that
         depends on hydra.job.id (known only inside the job) is never skipped here."""
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import open_dict
 
         from ..record import RESULTS
 
+        if cfg is None or not cfg.get("skip_done", False):
+            return None
         hc = HydraConfig.instance()
         old = hc.cfg
         try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(slot.overrides))  # type: ignore
-            if not cfg.get("skip_done", False):
-                return None
+            cfg = copy.deepcopy(cfg)
             raw_subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir", ""))
             if "job.id" in raw_subdir:
                 return None

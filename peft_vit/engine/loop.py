@@ -100,16 +100,16 @@ class StopSignal:
 
 
 def _hydra_context(cfg: DictConfig):
-    """(output dir, experiment preset name, sweep name) from Hydra's runtime config."""
+    """(output dir, experiment preset name, sweep name, command-line overrides) from Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ValueError, ImportError):
-        return Path(cfg.get("output_dir") or "."), None, None
+        return Path(cfg.get("output_dir") or "."), None, None, []
     sweep = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    return Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep
+    return Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep, list(hc.overrides.task)
 
 
 def _precision(pref: str, device: torch.device) -> Optional[torch.dtype]:
@@ -130,6 +130,20 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim
                              fused=device.type == "cuda")
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_per_epoch: int):
+    """Per-iteration linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then (RLRR's
+    cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. Call ``step_update(n)`` after
+    the n-th optimiser step."""
+    from timm.scheduler import CosineLRScheduler
+
+    cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
+    if cosine_epochs <= 0:
+        raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
+    return CosineLRScheduler(optimizer, t_initial=cosine_epochs * steps_per_epoch, lr_min=ocfg.min_lr,
+                             warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr,
+                             t_in_epochs=False)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist, amp: Optional[torch.dtype]) -> float:
     model.eval()
@@ -146,7 +160,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist, amp: Opt
 
 def run(cfg: DictConfig) -> Dict:
     t_start = time.time()
-    out_dir, experiment, sweep = _hydra_context(cfg)
+    out_dir, experiment, sweep, overrides = _hydra_context(cfg)
     result_path = out_dir / RESULTS
     if cfg.skip_done and result_path.exists():
         log.info("skip_done: %s exists, nothing to do", result_path)
@@ -178,13 +192,9 @@ def run(cfg: DictConfig) -> Dict:
                              shuffle=False, **loader_kw)
 
     # ---- optimisation: per-iteration linear warm-up then cosine (timm)
-    from timm.scheduler import CosineLRScheduler
-
     optimizer = build_optimizer(model, ocfg, d.device)
     steps_per_epoch = len(sampler)
-    scheduler = CosineLRScheduler(optimizer, t_initial=tcfg.epochs * steps_per_epoch, lr_min=ocfg.min_lr,
-                                  warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr,
-                                  t_in_epochs=False)
+    scheduler = build_scheduler(optimizer, ocfg, tcfg.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing, reduction="sum")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -297,7 +307,7 @@ def run(cfg: DictConfig) -> Dict:
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": "cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
         "world_size": d.world_size, "device": str(d.device),
-        "experiment": experiment, "sweep": sweep,
+        "experiment": experiment, "sweep": sweep, "overrides": overrides,
         "git_commit": git_commit(), "versions": versions(),
         "config": run_cfg,
     }

@@ -1,0 +1,94 @@
+"""Method-agnostic merge tests: every registered method that can be merged folds into a plain timm
+VisionTransformer whose outputs equal the adapted model's; the adapter refuses clearly."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+import peft_vit
+from conftest import TINY_MODEL, build
+from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, NotMergeableError, PeftModule
+from peft_vit.methods.base import InputTap, InsertedParallel
+
+NOT_MERGEABLE = {"adapter"}
+TRIVIAL = {"linear", "full"}  # nothing to fold
+MERGEABLE = sorted(set(METHODS) - NOT_MERGEABLE - TRIVIAL)
+WRAPPERS = (PeftModule, AdaptedLinear, InsertedAfter, InsertedParallel, InputTap)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(model, x, steps=3, lr=1e-2):
+    """A few AdamW steps, so that zero-initialised factors (LoRA's B, ...) become non-zero."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    y = torch.arange(len(x)) % 10
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def _fresh_timm():
+    return timm.create_model(TINY_MODEL["name"], pretrained=False, num_classes=TINY_MODEL["num_classes"],
+                             img_size=TINY_MODEL["img_size"], **TINY_MODEL["overrides"]).eval()
+
+
+def test_registry_has_the_methods_this_file_covers():
+    assert {"linear", "full", "adapter"} <= set(METHODS)
+    assert MERGEABLE, "no mergeable method registered"
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merged_equals_unmerged_and_is_plain_vit(method, tiny_input):
+    model = _train(build(method), tiny_input)
+    with torch.no_grad():
+        ref = model(tiny_input)
+    out_model = peft_vit.merge(model)
+    assert out_model is model
+    with torch.no_grad():
+        out = model(tiny_input)
+    assert torch.allclose(out, ref, atol=1e-4), f"{method}: max diff {(out - ref).abs().max():.2e}"
+
+    # the backbone's own class, module for module, with no method modules or attributes left
+    assert type(model) is VisionTransformer
+    fresh = _fresh_timm()
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in fresh.named_modules()]
+    assert not [n for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
+    assert not hasattr(model, "peft_method")
+    assert not any(p.requires_grad for p in model.parameters())
+    # ... so timm's own model loads its state dict strictly and computes the same outputs
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(fresh(tiny_input), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(TRIVIAL & set(METHODS)))
+def test_baselines_merge_to_themselves(method, tiny_input):
+    model = _train(build(method), tiny_input, steps=1)
+    with torch.no_grad():
+        ref = model(tiny_input)
+    peft_vit.merge(model)
+    assert type(model) is VisionTransformer
+    with torch.no_grad():
+        assert torch.equal(model(tiny_input), ref)
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "adaptformer"])
+def test_adapter_is_not_mergeable(placement, tiny_input):
+    model = build("adapter", placement=placement)
+    assert METHODS["adapter"].mergeable is False
+    with pytest.raises(NotMergeableError, match="not mergeable"):
+        peft_vit.merge(model)
+    # nothing was folded before the refusal
+    assert any(isinstance(m, (InsertedAfter, InsertedParallel)) for m in model.modules())
