@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     data = vtab.build(dcfg, "final")
     n_train = len(data.train)
     out["decode_once_s"] = time.time() - t0
-    print(f"decode once (train800val200 -> uint8 {tuple(data.train.images.shape)}): {rate(n_train, out['decode_once_s'])}")
+    print(f"decode once into uint8 {tuple(data.train.images.shape)}: {rate(n_train, out['decode_once_s'])}")
     if args.cache_dir:
         t0 = time.time()
         vtab.build(dcfg, "final")

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     if args.list:
         for t in TASKS.values():
             print(f"{t.name:14s} {t.group:11s} C={t.num_classes:<3d} folder={t.folder:20s} {t.tfds_name}")
-            print(f"{'':14s} val200={t.val200}  test={t.test} ({t.test_size:,})  label: {t.label}  flip(RLRR): {t.flip}")
+            print(f"{'':14s} val200={t.val200}  test={t.test} ({t.test_size:,})  label: {t.label}  "
+                  f"flip(RLRR): {t.flip}")
         return 0
     try:
         tasks = [get_task(n) for n in args.tasks] or list(TASKS.values())

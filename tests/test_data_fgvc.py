@@ -1,13 +1,11 @@
 """FGVC through VPT's json split files, on generated data."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, compose
+from conftest import compose
 from peft_vit.data import build_datasets, fgvc
 from test_data_folder import write_image
 
@@ -61,7 +59,8 @@ def test_fgvc_reads_vpt_json(tmp_path, name):
         want = lambda splits: [cont[c] for s in splits for _, c in anno[s]]  # noqa: E731
         assert data.train.labels.tolist() == want(tr) and data.eval.labels.tolist() == want(ev)
         assert data.num_classes == ds.num_classes
-        assert (data.train_split, data.eval_split) == {"tune": ("train", "val"), "final": ("train+val", "test")}[protocol]
+        names = {"tune": ("train", "val"), "final": ("train+val", "test")}[protocol]
+        assert (data.train_split, data.eval_split) == names
         x, y = data.eval[0]
         assert x.shape == (3, SIZE, SIZE) and y == want(ev)[0]
         x, _ = data.train[len(data.train) - 1]  # the last item comes from val.json in "final"
@@ -121,12 +120,12 @@ def test_fgvc_missing_image_names_json_entry(tmp_path):
         build_datasets(cfg_for("cars", tmp_path))
 
 
-def test_prepare_fgvc_check(tmp_path):
+def test_prepare_fgvc_check(tmp_path, capsys):
+    from test_data_scripts import script
+
     make_fgvc(tmp_path, "cub")
-    run = lambda *a: subprocess.run([sys.executable, "scripts/prepare_fgvc.py", "--check", "--root", str(tmp_path), *a],  # noqa: E731
-                                    cwd=REPO, capture_output=True, text=True, timeout=120)
-    r = run("cub", "dogs")
-    assert r.returncode == 1, r.stderr
-    assert "cub (CUB-200-2011, 200 classes): INCOMPLETE" in r.stdout  # generated counts are not VPT's
-    assert "train.json: " in r.stdout and "expected 5,394" in r.stdout
-    assert "missing: " in r.stdout and "Stanford-dogs" in r.stdout and "Images/" in r.stdout
+    assert script("prepare_fgvc").main(["--check", "--root", str(tmp_path), "cub", "dogs"]) == 1
+    out = capsys.readouterr().out
+    assert "cub (CUB-200-2011, 200 classes): INCOMPLETE" in out  # generated counts are not VPT's
+    assert "train.json: " in out and "expected 5,394" in out
+    assert "missing: " in out and "Stanford-dogs" in out and "Images/" in out

@@ -11,7 +11,6 @@ from PIL import Image
 from conftest import compose
 from peft_vit.data import build_datasets, vtab
 from peft_vit.data.folder import BadImageError, read_list
-from peft_vit.data.memory import InMemoryImages
 
 SIZE = 16  # dataset.img_size in these tests
 COUNTS = {"train800": 6, "val200": 3, "test": 4}
@@ -58,9 +57,7 @@ def data_cfg(task: str, root, *extra, protocol="final"):
                    "dataset.prepare_if_missing=false", f"protocol={protocol}", *extra)
 
 
-def labels_of(ds):
-    if isinstance(ds, InMemoryImages):
-        return ds.labels.tolist()
+def labels_of(ds):  # InMemoryImages (train, val200) and ImageList (test) both keep a label tensor
     return ds.labels.tolist()
 
 

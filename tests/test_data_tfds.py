@@ -4,7 +4,6 @@ train800val200 / test with the sizes the split strings select, and each line's l
 label transform of the example tfds served at that position."""
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,8 @@ import tensorflow as tf  # noqa: E402
 # split the test set is cut from is made short, so the test sets stay a handful of images.
 FAKE_SIZES = {
     "cifar100": dict(train=50_000, test=5), "caltech101": dict(train=3_060, test=5),
-    "dtd": dict(train=1_880, validation=1_880, test=5), "oxford_flowers102": dict(train=1_020, validation=1_020, test=5),
+    "dtd": dict(train=1_880, validation=1_880, test=5),
+    "oxford_flowers102": dict(train=1_020, validation=1_020, test=5),
     "oxford_iiit_pet": dict(train=3_680, test=5), "svhn_cropped": dict(train=73_257, test=5),
     "sun397": dict(train=76_128, validation=10_875, test=5),
     "patch_camelyon": dict(train=262_144, validation=32_768, test=5), "eurosat": dict(train=21_605),
@@ -191,11 +191,9 @@ def test_prepare_if_missing_on_first_use(tmp_path, mocked_tfds):
 
 
 def test_prepare_vtab_script(tmp_path, mocked_tfds, capsys):
-    import importlib.util
+    from test_data_scripts import script as load
 
-    spec = importlib.util.spec_from_file_location("prepare_vtab", Path(__file__).parents[1] / "scripts" / "prepare_vtab.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load("prepare_vtab")
     assert script.main(["--list"]) == 0
     assert "floor(label_orientation * 2 / 5)" in capsys.readouterr().out
     assert script.main(["oxford_pet", "--root", str(tmp_path)]) == 0  # folder names work too

@@ -63,6 +63,8 @@ def _waiter(states_seq, tmp_path, lost_after_s=0.3):
 
         def _states(self, slots):
             step = states_seq.pop(0) if len(states_seq) > 1 else states_seq[0]
+            if step is None:  # squeue and sacct both failed
+                return None
             out = {}
             for jid, st in step.items():
                 if st == "RESULT":
@@ -101,6 +103,16 @@ def test_wait_follows_a_requeued_job(tmp_path):
 
     seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "PREEMPTED", "7_1": "RESULT"}, {"7_0": "REQUEUED"}]
     seq += [{"7_0": "PENDING"}] * 10 + [{"7_0": "RUNNING"}] * 3 + [{"7_0": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
+    launcher._wait(None, slots)
+    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
+
+
+def test_wait_does_not_bury_jobs_while_the_scheduler_is_silent(tmp_path):
+    """squeue and sacct both failing (controller restarting) is no news, however long it lasts."""
+    from hydra.core.utils import JobStatus
+
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}] + [None] * 20 + [{"7_0": "RESULT", "7_1": "RESULT"}]
     launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
     launcher._wait(None, slots)
     assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2

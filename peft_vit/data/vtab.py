@@ -278,7 +278,6 @@ def build(dcfg, protocol: str) -> DataSplits:
     return DataSplits(train, ev, train_split, eval_split, task.num_classes)
 
 
-
 def check(task: Task, root, images: bool = True) -> dict:
     """What is on disk for ``task`` (for scripts/verify_data.py): the folder found, and per split
     the images listed vs VTAB-1k's count, missing image files and any list error."""

@@ -153,32 +153,33 @@ def _expand(job_field: str) -> List[str]:
     return ids
 
 
-def slurm_states(job_ids: Sequence[str]) -> Dict[str, str]:
+def slurm_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
     """State of each job id (``123`` or array task ``123_4``): squeue for jobs slurmctld still
-    holds, else sacct when accounting is on. Ids neither knows are absent."""
+    holds, else sacct when accounting is on. Ids neither knows are absent. None when neither
+    command answered (controller down or restarting): no news, not "the job is gone"."""
     mains = sorted({j.split("_")[0] for j in job_ids})
     if not mains:
         return {}
     states: Dict[str, str] = {}
-    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(mains)])
-    for line in (out or "").splitlines():
+    acct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(mains)])
+    for line in (acct or "").splitlines():
         if "|" in line:
             jid, st = line.split("|", 1)
             for j in _expand(jid.strip()):
                 states[j] = st.split()[0] if st.strip() else "UNKNOWN"
-    # squeue last: the controller's view is the current one (sacct lags behind it)
-    user = os.environ.get("USER") or None
-    cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T"] + (["-u", user] if user else [])
-    out = _run(cmd)
-    if out is not None:
-        wanted = set(mains)
-        for line in out.splitlines():
-            if "|" not in line:
-                continue
-            jid, st = line.split("|", 1)
-            if jid.split("_")[0] in wanted:
-                for j in _expand(jid.strip()):
-                    states[j] = st.strip()
+    # squeue last: the controller's view is the current one (sacct lags behind it). All of this
+    # user's jobs, finished ones too (-t all, kept for MinJobAge); -j with a purged id would fail.
+    queue = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-u", str(os.getuid())])
+    if queue is None and acct is None:
+        return None
+    wanted = set(mains)
+    for line in (queue or "").splitlines():
+        if "|" not in line:
+            continue
+        jid, st = line.split("|", 1)
+        if jid.split("_")[0] in wanted:
+            for j in _expand(jid.strip()):
+                states[j] = st.strip()
     return states
 
 
@@ -318,7 +319,8 @@ class _BoundedWait:
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
         raise NotImplementedError
 
-    def _states(self, slots: List[_Slot]) -> Dict[str, str]:
+    def _states(self, slots: List[_Slot]) -> Optional[Dict[str, str]]:
+        """job id -> scheduler state; None: the scheduler did not answer this time."""
         raise NotImplementedError
 
     def _collect(self, slot: _Slot) -> None:
@@ -356,6 +358,8 @@ class _BoundedWait:
                 if s.job.paths.result_pickle.exists():
                     self._collect(s)
                     continue
+                if states is None:  # no answer from the scheduler: no news (a job is declared
+                    continue        # dead only on a poll where the scheduler answered)
                 st = states.get(str(s.job.job_id))
                 s.state = st or "not known to the scheduler"
                 if st is not None and st.upper() in ALIVE_STATES:
@@ -408,9 +412,12 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
         jobs = executor.map_array(self, *zip(*[s.params for s in todo]))
         for s, j in zip(todo, jobs):
             s.job = j
-        log.info(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
+        if len(jobs) == 1:  # submitit sends a single job as a plain job, not an array
+            log.info(f"submitted job {jobs[0].job_id}")
+        else:
+            log.info(f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
 
-    def _states(self, slots: List[_Slot]) -> Dict[str, str]:
+    def _states(self, slots: List[_Slot]) -> Optional[Dict[str, str]]:
         return slurm_states([str(s.job.job_id) for s in slots])
 
 

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Training-step time and peak memory of every method on ViT-B/16 (random weights).
+
+    python scripts/benchmark.py                          # all registered methods, batch 32
+    python scripts/benchmark.py --methods full rlrr lora --steps 20 --device cuda --out bench.json
+
+One step = forward + backward + AdamW step on a fixed random batch (bf16 autocast on CUDA, fp32 on
+CPU). Warm-up steps are excluded; the step time is the median of ``--steps``. Each method runs in
+its own process so that memory figures do not leak between methods:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the whole run (weights + optimiser state +
+  activations), and its rise above the memory held after the model was built;
+* CPU: the process's peak RSS (``ru_maxrss``) and its rise above the RSS after the model was built.
+
+The table gives each method's ratio to ``full`` and to ``linear``. Targets (issue 3): householder,
+lora, kadaptation ≤ 0.8× full; rlrr ≤ 1.0× full.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ORDER = ["linear", "full", "householder", "lora", "adapter", "rlrr", "kadaptation"]
+TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
+MODELS = {
+    "vit_b16": dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
+                    drop_path_rate=0.0, img_size=224, overrides={}),
+    # the tests' tiny ViT: a smoke test of this script in seconds
+    "tiny": dict(name="vit_tiny_patch16_224", pretrained=False, checkpoint=None, num_classes=10, drop_path_rate=0.0,
+                 img_size=32, overrides=dict(patch_size=4, depth=2, embed_dim=64, num_heads=4)),
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(method: str, batch: int, steps: int, warmup: int, device: str, threads: Optional[int],
+            model_key: str = "vit_b16") -> Dict[str, Any]:
+    """One method, in this process."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    import peft_vit
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    MODEL = MODELS[model_key]
+    mcfg = OmegaConf.load(REPO / "configs" / "method" / f"{method}.yaml")
+    model = peft_vit.build_model(OmegaConf.create({"model": MODEL, "method": mcfg})).to(dev).train()
+    counts = peft_vit.count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=dev.type == "cuda")
+    x = torch.randn(batch, 3, MODEL["img_size"], MODEL["img_size"], device=dev)
+    y = torch.randint(0, MODEL["num_classes"], (batch,), device=dev)
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated() / 2**20
+    else:
+        base_mem = _rss_mb()
+    times: List[float] = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        mem = {"memory_kind": "cuda_max_memory_allocated", "peak_memory_mb": peak,
+               "memory_above_model_mb": peak - base_mem}
+    else:
+        peak = _peak_rss_mb()
+        mem = {"memory_kind": "cpu_peak_rss", "peak_memory_mb": peak, "memory_above_model_mb": peak - base_mem}
+    return {"method": method, "model": MODEL["name"], "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "batch": batch, "steps": steps, "warmup": warmup,
+            "step_time_s": statistics.median(times), "step_times_s": times,
+            "images_per_s": batch / statistics.median(times), **mem, **counts}
+
+
+def _run_child(method: str, args) -> Dict[str, Any]:
+    cmd = [sys.executable, __file__, "--_child", method, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", args.device, "--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: List[Dict[str, Any]]) -> str:
+    ok = {r["method"]: r for r in results if "error" not in r}
+    ref = {k: ok[k]["step_time_s"] for k in ("full", "linear") if k in ok}
+    kind = next((r["memory_kind"] for r in ok.values()), "")
+    lines = [f"{'method':<12} {'params (no head)':>16} {'step s':>8} {'img/s':>7} {'×full':>6} {'×linear':>8} "
+             f"{'peak MB':>9} {'+MB':>8}  target"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['method']:<12} ERROR {r['error']}")
+            continue
+        t = r["step_time_s"]
+        xf = t / ref["full"] if "full" in ref else float("nan")
+        xl = t / ref["linear"] if "linear" in ref else float("nan")
+        tgt = TARGETS.get(r["method"])
+        mark = "" if tgt is None or "full" not in ref else f"≤{tgt}× full: {'ok' if xf <= tgt else 'MISSED'}"
+        lines.append(f"{r['method']:<12} {r['trainable_params_no_head']:>16,} {t:>8.3f} {r['images_per_s']:>7.1f} "
+                     f"{xf:>6.2f} {xl:>8.2f} {r['peak_memory_mb']:>9.0f} {r['memory_above_model_mb']:>8.0f}  {mark}")
+    first = next(iter(ok.values()), None)
+    if first:
+        lines.append(f"{first['model']} on {first['device']} ({first['device_name']}, {first['threads']} threads), batch "
+                     f"{first['batch']}, median of {first['steps']} steps after {first['warmup']} warm-up; memory: "
+                     f"{kind} (peak MB) and its rise above the built model (+MB)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    from peft_vit.methods import METHODS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="*", help="default: every registered method")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--out", help="write the results as JSON")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args._child:
+        print(json.dumps(measure(args._child, args.batch, args.steps, args.warmup, args.device, args.threads,
+                                 args.model)))
+        return []
+    methods = args.methods or sorted(METHODS, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    results = []
+    for m in methods:
+        r = _run_child(m, args)
+        results.append(r)
+        print(f"[benchmark] {m}: " + (f"{r['step_time_s']:.3f} s/step" if "error" not in r else f"ERROR {r['error']}"),
+              file=sys.stderr, flush=True)
+    print(table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"results": results, "table": table(results)}, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
