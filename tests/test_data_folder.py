@@ -226,3 +226,13 @@ def test_num_classes_mismatch(tmp_path):
     make_task(tmp_path, "dtd", 47)
     with pytest.raises(ValueError, match="dataset.num_classes=10 but VTAB-1k dtd has 47"):
         build_datasets(data_cfg("dtd", tmp_path, "dataset.num_classes=10"))
+
+
+def test_to_rgb_scales_16_bit_and_keeps_8_bit_values():
+    from peft_vit.data.transforms import to_rgb
+
+    full = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))  # real 16-bit range
+    assert np.asarray(to_rgb(full))[0, :, 0].tolist() == [0, 100, 255]
+    low = Image.new("RGB", (2, 1), (60, 60, 60)).convert("I")  # 8-bit values in a 32-bit container
+    assert np.asarray(to_rgb(low))[0, :, 1].tolist() == [60, 60]
+    assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"

@@ -201,3 +201,18 @@ def test_prepare_vtab_script(tmp_path, mocked_tfds, capsys):
     assert "pets" in capsys.readouterr().out
     assert script.main(["imagenet", "--root", str(tmp_path)]) == 2
     assert "unknown VTAB-1k task 'imagenet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,needs", [("resisc45", "NWPU-RESISC45.rar"), ("retinopathy", "trainLabels.csv")])
+def test_manual_download_instructions(tmp_path, mocked_tfds, monkeypatch, name, needs):
+    from peft_vit.data.tfds_source import prepare_task
+
+    def no_manual_files(self, *a, **k):
+        raise AssertionError("Manual directory does not exist or is empty")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_manual_files)
+    with pytest.raises(RuntimeError) as e:
+        prepare_task(vtab.TASKS[name], tmp_path / "vtab", data_dir=str(tmp_path / "tfds"))
+    msg = str(e.value)
+    assert needs in msg and "downloads/manual" in msg and f"prepare_vtab.py {name}" in msg
+    assert "Manual directory does not exist" in msg and not (tmp_path / "vtab" / vtab.TASKS[name].folder).exists()

@@ -12,6 +12,15 @@ from peft_vit.methods.base import AdaptedLinear, PeftModule
 from peft_vit.methods.householder import HouseholderDelta, householder_matrix, reflect
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: small models gain nothing from more, and a busy machine costs less."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def train_steps(model, steps=3, lr=1e-2, seed=0):
     """A few AdamW steps (no weight decay: every change comes from a gradient)."""
     g = torch.Generator().manual_seed(seed)

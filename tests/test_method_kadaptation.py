@@ -11,6 +11,15 @@ from peft_vit.methods.kadaptation import KAdaptationDelta, KronBias, KronRules
 from test_method_householder import digits_accuracy, train_steps
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: small models gain nothing from more, and a busy machine costs less."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def deltas(model):
     return [(blk.attn.qkv.deltas["q"], blk.attn.qkv.deltas["v"]) for blk in model.blocks]
 

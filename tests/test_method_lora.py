@@ -14,6 +14,15 @@ from peft_vit.methods.lora import LoRADelta
 from test_method_householder import digits_accuracy, train_steps
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: small models gain nothing from more, and a busy machine costs less."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("targets", [["qkv"], ["q", "v"]])
 def test_vit_b16_count(targets):
     with torch.device("meta"):

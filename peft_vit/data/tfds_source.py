@@ -70,7 +70,7 @@ def builder_for(task: Task, data_dir: Optional[str] = None):
         if "version" not in str(e).lower() or name == task.tfds_name:
             raise
         b = tfds.builder(name, data_dir=data_dir)
-        log.warning("%s: tfds %s has no %s; using %s instead (split sizes unchanged for VTAB's slices)",
+        log.warning("%s: tfds %s has no %s; using %s instead (recorded in tfds_source.json)",
                     task.name, tfds.__version__, task.tfds_name, b.info.full_name)
         return b
 

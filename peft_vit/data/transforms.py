@@ -51,8 +51,9 @@ def interpolation(name: str) -> int:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16/32-bit greyscale (I;16*, I, F) is rescaled to 8 bit rather than
-    clipped (PIL's own conversion clips at 255, which turns most of a 16-bit image white);
+    """Any PIL mode -> RGB. 16/32-bit greyscale (I;16*, I, F) holding values above 255 is
+    rescaled from 0..65535 to 8 bit rather than clipped (PIL's own conversion clips at 255, which
+    turns most of a 16-bit image white); values within 0..255 are kept as they are;
     everything else (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV) goes through PIL's
     ``convert("RGB")``, as torchvision's loader does (alpha is dropped, palettes expanded,
     greyscale tiled to three channels)."""
@@ -60,7 +61,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+        if a.max(initial=0) > 255:
             a = a / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
@@ -75,7 +76,7 @@ class ResizeSquare:
     """VTAB-1k: resize straight to (size, size), no crop (aspect ratio not kept)."""
 
     def __init__(self, size: int, interp: str = "bicubic"):
-        self.size, self.interp = int(size), interpolation(interp)
+        self.size, self.interp_name, self.interp = int(size), interp, interpolation(interp)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         if img.size == (self.size, self.size):
@@ -83,7 +84,7 @@ class ResizeSquare:
         return img.resize((self.size, self.size), self.interp)
 
     def __repr__(self):
-        return f"ResizeSquare({self.size})"
+        return f"ResizeSquare({self.size}, {self.interp_name})"  # part of the decode cache key
 
 
 def fgvc_resize_size(img_size: int) -> int:

@@ -258,6 +258,7 @@ class _BoundedWait:
             for s in failed:
                 err = s.result._return_value if s.result is not None else "no result"
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                first = first if len(first) <= 240 else first[:237] + "..."
                 log.error(f"\t#{s.num} ({' '.join(filter_overrides(s.overrides))}): {first}")
         return [s.result for s in slots]  # type: ignore[misc]
 
@@ -402,13 +403,17 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
                         f"SIGUSR2 would come at the start; using signal_delay_s={new}")
             self.params["signal_delay_s"] = new
 
+    def _executor(self) -> Any:
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise RuntimeError("hydra/launcher=slurm: sbatch/srun not found, this is not a SLURM login node. On one "
+                               "machine use hydra/launcher=local; for a local test cluster run "
+                               "scripts/slurm_local.sh start (root, Debian/Ubuntu)")
+        return super()._executor()
+
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
         todo = [s for s in slots if s.job is None and s.result is None]
         if not todo:
             return
-        if shutil.which("sbatch") is None:
-            raise RuntimeError("hydra/launcher=slurm: sbatch not found; on one machine use hydra/launcher=local, "
-                               "or start a local test cluster with scripts/slurm_local.sh start")
         jobs = executor.map_array(self, *zip(*[s.params for s in todo]))
         for s, j in zip(todo, jobs):
             s.job = j
