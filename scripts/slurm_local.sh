@@ -183,7 +183,7 @@ start_slurmdbd() {
     fi
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -1; }
+node_state() { { sinfo -h -N -n "$NODE" -o %t 2>/dev/null || true; } | head -1; }
 
 start_slurm() {
     if ! pid_alive "$STATE/slurmctld.pid"; then

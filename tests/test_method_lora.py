@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit

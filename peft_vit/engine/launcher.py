@@ -3,33 +3,47 @@
 The stock launchers wait on each job with ``job.results()``. That returns once submitit sees
 the job end; without SLURM accounting (sacct) a job that died without writing its result
 (scancel, OOM kill, node failure, ``os._exit``) is never seen to end, so the sweep waits
-forever. Even with accounting, submitit polls sacct at most every 10 minutes.
+forever; with accounting submitit still looks only every few minutes (up to 10).
 
-These launchers submit the same way, then poll the scheduler themselves (``squeue`` for live
-jobs, ``sacct`` when accounting is on) every ``poll_s`` seconds:
+These launchers submit the same way, then poll the scheduler themselves (``squeue`` for the
+jobs slurmctld holds, ``sacct`` when accounting is on) every ``poll_s`` seconds:
 
 * a job that wrote its result is collected as usual;
 * a job the scheduler reports ended (or no longer knows) that has written no result within
   ``lost_after_s`` seconds is reported as died-without-result: its job id, state, overrides
   and the tail of its log, as a failed ``JobReturn`` (Hydra then exits with that error,
-  after all other jobs have finished);
+  after all other jobs have finished). A poll where neither squeue nor sacct answers is no
+  news, never a death;
 * ``max_wait_h`` (optional) bounds the whole wait; jobs still running then are left to run
-  and reported. Re-launching the same sweep later runs only the jobs without a
-  ``results.json`` (``skip_done``).
+  and reported.
 
 A requeued job (pre-emption, time-out: SIGUSR2, submitit checkpoints and requeues) is
 PENDING/RUNNING again, never "ended", so it is waited for.
 
+Re-launching a sweep (same ``hydra.sweep.dir``):
+
+* jobs whose ``results.json`` exists are not submitted at all (``skip_done``; the loop would
+  skip them too, after queueing and starting);
+* SLURM jobs of an earlier launch still queued or running (its launcher died: logout, Ctrl-C)
+  are waited for, not submitted twice (each job's folder holds ``peft_vit_job.json``).
+
+Each job's config is composed at submission and shipped with the job, so a job that starts,
+or restarts after a requeue, hours later runs with the config it was submitted with and finds
+its checkpoint in the same job dir, whatever happened to ``configs/`` meanwhile (the stock
+launcher re-composes from ``configs/`` in the job).
+
 The local launcher also runs at most ``array_parallelism`` jobs at a time (submitit's local
 executor starts every job at once, which on one GPU means out-of-memory).
 
-Hydra instantiates launchers only from the ``hydra_plugins`` namespace; the classes Hydra
+Hydra instantiates launchers only from the ``hydra_plugins`` namespace (a ``_target_``
+elsewhere fails with "Invalid plugin ... not the hydra_plugins package"); the classes Hydra
 sees are thin subclasses in ``hydra_plugins/peft_vit_launcher.py`` (repo root), which also
 registers the config schemas below. ``configs/hydra/launcher/{slurm,local}.yaml`` use them.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -246,8 +260,8 @@ class _BoundedWait:
             else:
                 log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         if done:
-            log.info(f"skip_done: {len(done)} of {len(slots)} jobs already have results; "
-                     f"submitting {len(slots) - len(done)}")
+            log.info(f"skip_done: {len(done)} of {len(slots)} jobs already have results")
+        self._adopt(slots)
         if len(done) < len(slots):
             self._wait(executor, slots)
         failed = [s for s in slots if s.result is None or s.result.status != JobStatus.COMPLETED]
@@ -315,6 +329,22 @@ class _BoundedWait:
             return None
         finally:
             hc.cfg = old
+
+    # -- jobs of an earlier launch of this sweep that are still queued or running
+    SIDECAR = "peft_vit_job.json"
+
+    def _record(self, slot: _Slot) -> None:
+        """Next to submitit's files of the job: which sweep job it runs (read by _adopt)."""
+        try:
+            folder = Path(slot.job.paths.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / self.SIDECAR).write_text(json.dumps({"num": slot.num, "overrides": slot.overrides}))
+        except OSError as e:
+            log.warning(f"could not record job {slot.job.job_id}: {e}")
+
+    def _adopt(self, slots: List[_Slot]) -> None:
+        """A sweep re-launched while jobs of an earlier launch (whose launcher died: logout, Ctrl-C)
+        are still queued or running waits for those jobs instead of submitting duplicates."""
 
     # -- waiting
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
@@ -417,6 +447,7 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
         jobs = executor.map_array(self, *zip(*[s.params for s in todo]))
         for s, j in zip(todo, jobs):
             s.job = j
+            self._record(s)
         if len(jobs) == 1:  # submitit sends a single job as a plain job, not an array
             log.info(f"submitted job {jobs[0].job_id}")
         else:
@@ -424,6 +455,32 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
 
     def _states(self, slots: List[_Slot]) -> Optional[Dict[str, str]]:
         return slurm_states([str(s.job.job_id) for s in slots])
+
+    def _adopt(self, slots: List[_Slot]) -> None:
+        import submitit
+
+        folder_pattern = str(self.params["submitit_folder"])  # type: ignore[attr-defined]
+        root = Path(folder_pattern.split("%j")[0])
+        if "%j" not in folder_pattern or not root.is_dir():
+            return
+        earlier = {}
+        for side in root.glob(f"*/{self.SIDECAR}"):
+            try:
+                earlier[side.parent.name] = json.loads(side.read_text())
+            except (OSError, ValueError):
+                continue
+        if not earlier:
+            return
+        states = slurm_states(list(earlier)) or {}
+        todo = {tuple(s.overrides): s for s in slots if s.result is None and s.job is None}
+        for job_id, rec in sorted(earlier.items()):
+            slot = todo.get(tuple(rec.get("overrides", [])))
+            if slot is None or states.get(job_id, "").upper() not in ALIVE_STATES:
+                continue
+            slot.job = submitit.SlurmJob(folder=folder_pattern, job_id=job_id)
+            del todo[tuple(slot.overrides)]
+            log.info(f"\t#{slot.num} : already {states[job_id]} as slurm job {job_id} (an earlier launch of "
+                     f"this sweep); waiting for it instead of submitting it again")
 
 
 class LocalLauncher(_BoundedWait, _SubmititLocal):

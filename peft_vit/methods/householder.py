@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -106,10 +106,8 @@ class HouseholderDelta(Delta):
 class Householder(Method):
     def __init__(self, rank: int = 1, targets: Union[str, Sequence[str]] = ("q", "k", "v", "o"),
                  reflection: str = "orthogonal", dropout: float = 0.0, rank_threshold: float = 0.01):
-        if isinstance(targets, str):
-            if targets not in TARGET_PRESETS:
-                raise ValueError(f"unknown targets preset {targets!r}; presets: {sorted(TARGET_PRESETS)}")
-            targets = TARGET_PRESETS[targets]
+        if isinstance(targets, str):  # a preset, or one target name
+            targets = TARGET_PRESETS.get(targets, [targets])
         self.targets = list(targets)
         self.rank, self.reflection, self.dropout = int(rank), reflection, float(dropout)
         self.rank_threshold = float(rank_threshold)
