@@ -136,7 +136,7 @@ class Householder(Method):
                                  d_abs_min=float(d.min()), d_abs_max=mx, d_abs_mean=float(d.mean()),
                                  effective_rank=int((d > self.rank_threshold * mx).sum()) if mx > 0 else 0,
                                  full_rank=d.numel()))
-        return sorted(rows, key=lambda r: (r["layer"], r["matrix"]))
+        return sorted(rows, key=lambda r: (r["layer"], _matrix_order(r["matrix"])))
 
     def report(self, model: nn.Module, out_dir) -> dict:
         rows = self.diagnostics(model)
@@ -146,6 +146,11 @@ class Householder(Method):
         return out
 
 
+def _matrix_order(m: str):
+    order = ["q", "k", "v", "qkv", "o", "fc1", "fc2"]
+    return (order.index(m) if m in order else len(order), m)
+
+
 def save_rank_heatmap(rows: List[Dict], path: Path) -> Path:
     """Layer × matrix heatmap of the effective rank of the H-term."""
     import matplotlib
@@ -153,18 +158,19 @@ def save_rank_heatmap(rows: List[Dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ["q", "k", "v", "o", "fc1", "fc2"]
-    mats = sorted({r["matrix"] for r in rows}, key=lambda m: order.index(m) if m in order else 99)
+    mats = sorted({r["matrix"] for r in rows}, key=_matrix_order)
     layers = sorted({r["layer"] for r in rows})
     grid = torch.full((len(layers), len(mats)), float("nan"))
     for r in rows:
         grid[layers.index(r["layer"]), mats.index(r["matrix"])] = r["effective_rank"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mats), 1.0 + 0.4 * len(layers)))
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    mid = (float(grid.nan_to_num(0).max()) + float(grid.nan_to_num(1e9).min())) / 2
     for i in range(len(layers)):
         for j in range(len(mats)):
             if not math.isnan(grid[i, j]):
-                ax.text(j, i, int(grid[i, j]), ha="center", va="center", color="w", fontsize=7)
+                ax.text(j, i, int(grid[i, j]), ha="center", va="center", fontsize=7,
+                        color="k" if grid[i, j] > mid else "w")
     ax.set_xticks(range(len(mats)), mats)
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("matrix")
