@@ -165,7 +165,11 @@ class AdaptedLinear(nn.Module):
 
 
 class InsertedAfter(nn.Module):
-    """``inserted(original(x))``: the result of :func:`insert_after`."""
+    """``inserted(original(x))``: the result of :func:`insert_after`.
+
+    An inserted module may define ``forward_after(original, x)`` to compute the composition
+    itself, e.g. an affine folded into the LayerNorm it follows, on the fly (no extra activation).
+    """
 
     def __init__(self, original: nn.Module, inserted: PeftModule):
         super().__init__()
@@ -173,6 +177,9 @@ class InsertedAfter(nn.Module):
         self.inserted = inserted
 
     def forward(self, x):
+        fused = getattr(self.inserted, "forward_after", None)
+        if fused is not None:
+            return fused(self.original, x)
         return self.inserted(self.original(x))
 
     def merge(self) -> nn.Module:

@@ -15,8 +15,9 @@ The official "drop path" is element-wise dropout on each residual branch, rising
 the backbone's own stochastic depth instead).
 
 The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``); merging is the
-same code. SSF after a LayerNorm folds into the LayerNorm's affine; after the patch embedding it
-folds into the patch-projection conv (or the embedding's norm, when it has one).
+same code. SSF after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
+runs one LayerNorm with the folded affine, so the LayerNorm's output is not stored twice); after the
+patch embedding it folds into the patch-projection conv (or the embedding's norm, when it has one).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import (Delta, Method, NotMergeableError, PeftModule, adapt_linears, insert_after,
                    register_method, replace_module)
@@ -59,6 +61,14 @@ class SSF(PeftModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma + self.beta
+
+    def forward_after(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``SSF(original(x))``; after an affine LayerNorm, one LayerNorm with the folded affine
+        (γ·w, γ·b + β): the same values without storing the LayerNorm's output for backward."""
+        if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
+            return F.layer_norm(x, original.normalized_shape, original.weight * self.gamma,
+                                original.bias * self.gamma + self.beta, original.eps)
+        return self(original(x))
 
     @torch.no_grad()
     def fold_into(self, original: nn.Module) -> nn.Module:
