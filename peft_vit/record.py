@@ -1,26 +1,28 @@
 """The per-run record (results.json, written atomically) and the run logger (wandb or none)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import IO, Any, Dict, Iterator, Optional
 
 RESULTS = "results.json"
 
 
-def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: a reader sees the old
-    file or the whole new one, never a partial one, and concurrent writers never interleave."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success fsync it and rename it over ``path``. A reader
+    sees the old file or the whole new one, never a partial one, and concurrent writers never
+    interleave. On error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -28,6 +30,12 @@ def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, obj: Dict[str, Any]) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
+        f.write("\n")
 
 
 def _jsonable(x):

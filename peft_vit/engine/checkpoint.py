@@ -2,15 +2,15 @@
 position (epoch, step). Written atomically; small, since frozen weights are not saved."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..record import atomic_file
 
 
 def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -33,19 +33,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save(path: Path, *, model: nn.Module, optimizer, scheduler, scaler, epoch: int, step: int,
