@@ -11,6 +11,10 @@ its own process so that memory figures do not leak between methods:
 * CUDA: ``torch.cuda.max_memory_allocated`` over the whole run (weights + optimiser state +
   activations), and its rise above the memory held after the model was built;
 * CPU: the process's peak RSS (``ru_maxrss``) and its rise above the RSS after the model was built.
+  glibc keeps freed blocks, so the RSS of methods with many differently sized temporaries is
+  inflated; ``--exact-rss`` makes every allocation over 64 KiB its own mmap (returned on free), so
+  that the peak RSS follows the live tensors (steps get a little slower: time and memory are then
+  best measured in separate runs).
 
 The table gives each method's ratio to ``full`` and to ``linear``. Targets (issue 3): householder,
 lora, kadaptation ≤ 0.8× full; rlrr ≤ 1.0× full.
@@ -100,7 +104,8 @@ def measure(method: str, batch: int, steps: int, warmup: int, device: str, threa
                "memory_above_model_mb": peak - base_mem}
     else:
         peak = _peak_rss_mb()
-        mem = {"memory_kind": "cpu_peak_rss", "peak_memory_mb": peak, "memory_above_model_mb": peak - base_mem}
+        kind = "cpu_peak_rss_exact" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "cpu_peak_rss"
+        mem = {"memory_kind": kind, "peak_memory_mb": peak, "memory_above_model_mb": peak - base_mem}
     return {"method": method, "model": MODEL["name"], "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "batch": batch, "steps": steps, "warmup": warmup,
@@ -109,11 +114,14 @@ def measure(method: str, batch: int, steps: int, warmup: int, device: str, threa
 
 
 def _run_child(method: str, args) -> Dict[str, Any]:
+    env = dict(os.environ)
+    if args.exact_rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, __file__, "--_child", method, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"method": method, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -156,6 +164,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--exact-rss", action="store_true", help="CPU: peak RSS that follows live tensors (see above)")
     ap.add_argument("--out", help="write the results as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
