@@ -56,3 +56,58 @@ def build(method: str, model: dict = TINY_MODEL, **method_kwargs):
 def tiny_input():
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+# A random tiny ViT with timm's jax (xavier) init: its features carry the input, unlike the
+# std-0.02 default whose [CLS] output is nearly constant (a pretrained backbone's is not)
+TINY_JAX = dict(TINY_MODEL, overrides=dict(TINY_MODEL["overrides"], weight_init="jax"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """One intra-op thread in this process: tiny models gain nothing from more, and a busy
+    machine costs less. Tests that start processes set OMP_NUM_THREADS themselves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train_steps(model, x=None, steps=3, lr=1e-2, seed=0):
+    """A few AdamW steps (no weight decay: every change comes from a gradient), on `x` with
+    labels 0..9 cycled, or on fresh random 32-px batches of 8. Returns the model in eval mode."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        xb, yb = (x, torch.arange(len(x)) % 10) if x is not None else \
+            (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return model.eval()
+
+
+def digits_accuracy(model, epochs=8, lr=5e-3, batch=50):
+    """Train on 1000 of sklearn's digits (32 px), report accuracy on the other 797."""
+    import torch.nn.functional as F
+
+    from peft_vit.data.digits import load_digits_tensors
+
+    x, y = load_digits_tensors(32)
+    x = (x.float() / 255 - 0.5) / 0.5
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(1000, generator=g)
+        for i in range(0, 1000, batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        return (model(x[1000:]).argmax(-1) == y[1000:]).float().mean().item()

@@ -3,11 +3,10 @@ VisionTransformer whose outputs equal the adapted model's; the adapter refuses c
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit
-from conftest import TINY_MODEL, build
+from conftest import TINY_MODEL, build, train_steps
 from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, NotMergeableError, PeftModule
 from peft_vit.methods.base import InputTap, InsertedParallel
 
@@ -15,28 +14,6 @@ NOT_MERGEABLE = {"adapter"}
 TRIVIAL = {"linear", "full"}  # nothing to fold
 MERGEABLE = sorted(set(METHODS) - NOT_MERGEABLE - TRIVIAL)
 WRAPPERS = (PeftModule, AdaptedLinear, InsertedAfter, InsertedParallel, InputTap)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _train(model, x, steps=3, lr=1e-2):
-    """A few AdamW steps, so that zero-initialised factors (LoRA's B, ...) become non-zero."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    y = torch.arange(len(x)) % 10
-    model.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 def _fresh_timm():
@@ -51,7 +28,7 @@ def test_registry_has_the_methods_this_file_covers():
 
 @pytest.mark.parametrize("method", MERGEABLE)
 def test_merged_equals_unmerged_and_is_plain_vit(method, tiny_input):
-    model = _train(build(method), tiny_input)
+    model = train_steps(build(method), tiny_input)
     with torch.no_grad():
         ref = model(tiny_input)
     out_model = peft_vit.merge(model)
@@ -75,7 +52,7 @@ def test_merged_equals_unmerged_and_is_plain_vit(method, tiny_input):
 
 @pytest.mark.parametrize("method", sorted(TRIVIAL & set(METHODS)))
 def test_baselines_merge_to_themselves(method, tiny_input):
-    model = _train(build(method), tiny_input, steps=1)
+    model = train_steps(build(method), tiny_input, steps=1)
     with torch.no_grad():
         ref = model(tiny_input)
     peft_vit.merge(model)

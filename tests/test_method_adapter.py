@@ -7,36 +7,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import peft_vit
-from conftest import CONFIGS, TINY_MODEL, VIT_B16, build
+from conftest import CONFIGS, TINY_JAX, VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.methods import METHODS, InsertedAfter, NotMergeableError
 from peft_vit.methods.adapter import Adapter, QuickGELU
 from peft_vit.methods.base import InputTap, InsertedParallel
 
 PLACEMENTS = ["pfeiffer", "houlsby", "adaptformer"]
-# a random tiny ViT with timm's jax (xavier) init: its features carry the input, unlike the
-# std-0.02 default whose [CLS] output is nearly constant (a pretrained backbone is not)
-TINY_JAX = dict(TINY_MODEL, overrides=dict(TINY_MODEL["overrides"], weight_init="jax"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
-def _train(model, x, steps=3, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    y = torch.arange(len(x)) % 10
-    model.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 # --------------------------------------------------------------------------- config and counts
@@ -128,7 +104,7 @@ def test_adaptformer_is_parallel_on_pre_ln_stream(tiny_input):
         assert isinstance(blk.drop_path2, InsertedParallel)
         a = blk.drop_path2.inserted
         assert isinstance(a.act, torch.nn.ReLU) and a.scale == 0.1 and not a.residual
-    _train(model, tiny_input, steps=2)  # make the zero-init up-projection non-zero
+    train_steps(model, tiny_input, steps=2)  # make the zero-init up-projection non-zero
     blk = model.blocks[0]
     a = blk.drop_path2.inserted
     assert a.up.weight.abs().sum() > 0
@@ -172,7 +148,7 @@ def test_every_trainable_tensor_changes_in_3_steps(placement, tiny_input):
     model = build("adapter", placement=placement)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    _train(model, tiny_input, steps=3)
+    train_steps(model, tiny_input, steps=3)
     params = dict(model.named_parameters())
     unchanged = [n for n, v in before.items() if torch.equal(v, params[n])]
     assert not unchanged
@@ -181,7 +157,7 @@ def test_every_trainable_tensor_changes_in_3_steps(placement, tiny_input):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_merge_raises_not_mergeable_and_leaves_model_intact(placement, tiny_input):
-    model = _train(build("adapter", placement=placement), tiny_input, steps=1)
+    model = train_steps(build("adapter", placement=placement), tiny_input, steps=1)
     with torch.no_grad():
         before = model(tiny_input)
     with pytest.raises(NotMergeableError, match="not mergeable"):
@@ -192,30 +168,10 @@ def test_merge_raises_not_mergeable_and_leaves_model_intact(placement, tiny_inpu
 
 # --------------------------------------------------------------------------- learns on digits
 
-def _digits_accuracy(method, epochs, lr, **kw):
-    from peft_vit.data.digits import load_digits_tensors
-
-    x, y = load_digits_tensors(32)
-    x = (x.float() / 255 - 0.5) / 0.5
-    model = build(method, TINY_JAX, **kw)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(1000, generator=g)
-        for i in range(0, 1000, 50):
-            idx = perm[i:i + 50]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(x[1000:]).argmax(-1) == y[1000:]).float().mean().item()
 
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "adaptformer"])
 def test_learns_digits(placement):
     # 10 classes: chance is 10%; a linear probe of this random backbone reaches ~25% here
-    acc = _digits_accuracy("adapter", epochs=5, lr=1e-2, placement=placement)
+    acc = digits_accuracy(build("adapter", TINY_JAX, placement=placement), epochs=5, lr=1e-2)
     assert acc > 0.30, acc

@@ -7,52 +7,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit
-from conftest import VIT_B16, build
+from conftest import VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.methods.base import AdaptedLinear, PeftModule
 from peft_vit.methods.householder import HouseholderDelta, householder_matrix, reflect
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: small models gain nothing from more, and a busy machine costs less."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def train_steps(model, steps=3, lr=1e-2, seed=0):
-    """A few AdamW steps (no weight decay: every change comes from a gradient)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
-
-
-def digits_accuracy(model, epochs=8, lr=5e-3, batch=50):
-    """Train on 1000 digits (32 px), report accuracy on the other 797."""
-    from peft_vit.data.digits import load_digits_tensors
-
-    x, y = load_digits_tensors(32)
-    x = (x.float() / 255 - 0.5) / 0.5
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(1000, generator=g)
-        for i in range(0, 1000, batch):
-            idx = perm[i:i + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(x[1000:]).argmax(-1) == y[1000:]).float().mean().item()
 
 
 @pytest.mark.parametrize("rank,expected", [(1, 184_320), (0, 110_592), (2, 258_048), (4, 405_504)])

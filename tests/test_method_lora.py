@@ -6,20 +6,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit
-from conftest import TINY_MODEL, VIT_B16, build
+from conftest import TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.backbone import create_backbone
 from peft_vit.methods.base import AdaptedLinear, PeftModule
 from peft_vit.methods.lora import LoRADelta
-from test_method_householder import digits_accuracy, train_steps
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: small models gain nothing from more, and a busy machine costs less."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("targets", [["qkv"], ["q", "v"]])

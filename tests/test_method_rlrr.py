@@ -11,33 +11,11 @@ from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit
-from conftest import CONFIGS, TINY_MODEL, VIT_B16, build
+from conftest import CONFIGS, TINY_JAX, TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, PeftModule
 from peft_vit.methods.rlrr import SSF, ResidualDropout, RLRRDelta
 
-TINY_JAX = dict(TINY_MODEL, overrides=dict(TINY_MODEL["overrides"], weight_init="jax"))
 LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _train(model, x, steps=3, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    y = torch.arange(len(x)) % 10
-    model.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 def test_config_matches_constructor_defaults():
@@ -177,7 +155,7 @@ def test_every_trainable_tensor_changes_in_3_steps(tiny_input):
     model = build("rlrr")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    _train(model, tiny_input, steps=3)
+    train_steps(model, tiny_input, steps=3)
     params = dict(model.named_parameters())
     assert not [n for n, v in before.items() if torch.equal(v, params[n])]
     assert all(torch.equal(v, params[n]) for n, v in frozen.items())
@@ -194,7 +172,7 @@ def _assert_plain_vit(model):
 def test_merge_exact_in_any_order(order, tiny_input):
     from peft_vit.methods.base import _set_submodule
 
-    model = _train(build("rlrr"), tiny_input, steps=3)
+    model = train_steps(build("rlrr"), tiny_input, steps=3)
     with torch.no_grad():
         ref = model(tiny_input)
         if order != "merge":
@@ -214,7 +192,7 @@ def test_merge_exact_in_any_order(order, tiny_input):
 def test_merged_matches_timm_state_dict(tiny_input):
     import timm
 
-    model = _train(build("rlrr", drop=0.2), tiny_input, steps=2)
+    model = train_steps(build("rlrr", drop=0.2), tiny_input, steps=2)
     with torch.no_grad():
         ref = model(tiny_input)
     peft_vit.merge(model)
@@ -228,23 +206,5 @@ def test_merged_matches_timm_state_dict(tiny_input):
 # --------------------------------------------------------------------------- learns on digits
 
 def test_learns_digits():
-    from peft_vit.data.digits import load_digits_tensors
-
-    x, y = load_digits_tensors(32)
-    x = (x.float() / 255 - 0.5) / 0.5
-    model = build("rlrr", TINY_JAX)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(4):
-        perm = torch.randperm(1000, generator=g)
-        for i in range(0, 1000, 50):
-            idx = perm[i:i + 50]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x[1000:]).argmax(-1) == y[1000:]).float().mean().item()
+    acc = digits_accuracy(build("rlrr", TINY_JAX), epochs=4, lr=1e-2)
     assert acc > 0.30, acc  # chance 10%; a linear probe of this random backbone reaches ~25%

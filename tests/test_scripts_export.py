@@ -20,14 +20,6 @@ spec.loader.exec_module(export_merged)
 OVERRIDES = ["experiment=quickstart", "method=rlrr", "method.drop=0.2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def trained_run(tmp_path, tiny_input):
     """A run directory as the loop leaves it: .hydra/config.yaml and trainable.safetensors."""

@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import Method, PeftModule, insert_after, insert_parallel, register_method
 
