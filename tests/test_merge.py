@@ -26,11 +26,19 @@ def test_registry_has_the_methods_this_file_covers():
     assert MERGEABLE, "no mergeable method registered"
 
 
-@pytest.mark.parametrize("method", MERGEABLE)
-def test_merged_equals_unmerged_and_is_plain_vit(method, tiny_input):
-    model = train_steps(build(method), tiny_input)
+# every mergeable method at its defaults, plus the target variants that change which blocks of
+# the fused qkv (or which other matrices) are adapted
+VARIANTS = [(m, {}) for m in MERGEABLE] + [("lora", {"targets": ["q", "v"]}), ("householder", {"targets": "qv"}),
+                                           ("householder", {"targets": "qkvo_mlp"})]
+
+
+@pytest.mark.parametrize("method,kwargs", VARIANTS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={v}" for k, v in v.items()) or "default")
+def test_merged_equals_unmerged_and_is_plain_vit(method, kwargs, tiny_input):
+    model = train_steps(build(method, **kwargs), tiny_input, steps=5)
     with torch.no_grad():
         ref = model(tiny_input)
+        assert not torch.allclose(ref, build("linear").eval()(tiny_input), atol=1e-3), "ΔW is still zero"
     out_model = peft_vit.merge(model)
     assert out_model is model
     with torch.no_grad():
