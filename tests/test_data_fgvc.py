@@ -129,3 +129,30 @@ def test_prepare_fgvc_check(tmp_path, capsys):
     assert "cub (CUB-200-2011, 200 classes): INCOMPLETE" in out  # generated counts are not VPT's
     assert "train.json: " in out and "expected 5,394" in out
     assert "missing: " in out and "Stanford-dogs" in out and "Images/" in out
+
+
+def test_fgvc_resize_short_side_or_square(tmp_path):
+    """VPT's code resizes the short side (aspect kept); RLRR's resizes to a 256×256 square."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from peft_vit.data.transforms import fgvc_eval_transform, fgvc_train_transform
+
+    img = Image.fromarray((torch.arange(18 * 48 * 3) % 251).to(torch.uint8).reshape(18, 48, 3).numpy())  # 48×18
+    short, square = fgvc_eval_transform(224, resize="short_side"), fgvc_eval_transform(224, resize="square")
+    assert short.transforms[0].size == 256 and square.transforms[0].size == (256, 256)
+    assert short(img).size == square(img).size == (224, 224)
+    assert TF.to_tensor(square(img)).equal(TF.to_tensor(TF.center_crop(TF.resize(img, [256, 256]), 224)))
+    assert not TF.to_tensor(short(img)).equal(TF.to_tensor(square(img)))
+    assert fgvc_train_transform(224, "resize_crop", resize="square").transforms[0].size == (256, 256)
+    with pytest.raises(ValueError, match="dataset.resize='crop'.*short_side, square"):
+        fgvc_eval_transform(224, resize="crop")
+
+    make_fgvc(tmp_path, "cars", per_split=(4, 2, 3))
+    a = build_datasets(cfg_for("cars", tmp_path))
+    b = build_datasets(cfg_for("cars", tmp_path, "dataset.resize=square"))
+    assert a.eval[0][0].shape == b.eval[0][0].shape == (3, SIZE, SIZE)
+    n = int(SIZE * 256 / 224)
+    assert a.eval.transform.transforms[0].size == n and b.eval.transform.transforms[0].size == (n, n)
+    b = build_datasets(cfg_for("cars", tmp_path, "dataset.resize=square", "dataset.train_crop=resize_crop"))
+    assert b.train.transform.transforms[0].size == (n, n)

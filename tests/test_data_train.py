@@ -13,9 +13,9 @@ from test_data_fgvc import make_fgvc
 from test_data_folder import make_task
 
 
-def train(tmp_path, *args):
+def train(tmp_path, *args, method="linear"):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train.py", "method=linear", "model=vit_tiny_test", "logger=none",
+    r = subprocess.run([sys.executable, "train.py", f"method={method}", "model=vit_tiny_test", "logger=none",
                         "trainer.epochs=1", "trainer.num_workers=0", "trainer.batch_size=8", "trainer.progress=false",
                         f"hydra.run.dir={out}", *args],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -38,3 +38,15 @@ def test_train_on_fgvc(tmp_path):
     make_fgvc(tmp_path / "fgvc", "flowers", per_split=(4, 2, 3))
     res = train(tmp_path, "dataset=fgvc/flowers", f"dataset.root={tmp_path / 'fgvc'}", "protocol=tune")
     assert (res["task"], res["train_split"], res["eval_split"]) == ("flowers", "train", "val")
+
+
+def test_fgvc_rlrr_preset_end_to_end(tmp_path):
+    """experiment=fgvc_rlrr on CUB: square resize, 0.5 normalisation, restarting cosine."""
+    make_fgvc(tmp_path / "fgvc", "cub", per_split=(4, 2, 3))
+    res = train(tmp_path, "experiment=fgvc_rlrr", "dataset=fgvc/cub", f"dataset.root={tmp_path / 'fgvc'}",
+                "trainer.epochs=2", "optim.restart_epochs=1", method="rlrr")
+    assert (res["method"], res["task"], res["protocol"]) == ("rlrr", "cub", "final")
+    assert (res["train_split"], res["eval_split"]) == ("train+val", "test")
+    c = res["config"]
+    assert (c["dataset"]["resize"], c["dataset"]["normalize"], c["optim"]["restart_epochs"]) == ("square", "half", 1)
+    assert c["optim"]["lr"] == 3e-3 and c["method"]["drop"] == 0.1

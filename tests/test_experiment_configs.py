@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS, compose
 
-PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest"]
+PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr"]
 
 # SPEC §5, copied verbatim: RLRR's per-task lr / wd / drop / flip
 SPEC_RLRR = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
@@ -31,10 +31,6 @@ def vtab_task_names():
     return list(vtab_tasks())
 
 
-def has_dataset(task):
-    return (CONFIGS / "dataset" / "vtab" / f"{task}.yaml").exists()
-
-
 def job(cfg):
     """The job config, every interpolation resolved (what the loop records)."""
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
@@ -55,9 +51,9 @@ def test_preset_sets_only_known_keys(preset):
     """A typo (trainer.eval_evry) would silently add a key nobody reads: every key a preset sets
     must exist in the composed default config, except the few documented new ones."""
     raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml"))
-    base = job(compose())
-    method = compose(f"experiment={preset}").method.name
-    base["method"] = job(compose(f"method={method}"))["method"]
+    preset_cfg = compose(f"experiment={preset}")
+    base = job(compose(f"dataset={preset_cfg.hydra.runtime.choices.dataset}"))
+    base["method"] = job(compose(f"method={preset_cfg.method.name}"))["method"]
     new_ok = {"optim.cooldown_epochs"}
 
     def walk(d, prefix=""):
@@ -68,7 +64,7 @@ def test_preset_sets_only_known_keys(preset):
             else:
                 yield key
 
-    for key in walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra", "rlrr_hparams")}):
+    for key in walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra", "rlrr_hparams", "rlrr_fgvc_hparams")}):
         node = base
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) and part in node else KeyError
@@ -89,25 +85,16 @@ def test_vtab_noah(method):
 
 def test_vtab_rlrr_dtd():
     """`python train.py experiment=vtab_rlrr dataset=vtab/dtd`: dtd's row of SPEC §5."""
-    args = ["experiment=vtab_rlrr", "dataset=vtab/dtd"] if has_dataset("dtd") else \
-        ["experiment=vtab_rlrr", "dataset.task=dtd"]
-    c = compose(*args)
+    c = compose("experiment=vtab_rlrr", "dataset=vtab/dtd")
     assert c.dataset.task == "dtd"
     assert c.optim.lr == 2e-3 and c.optim.weight_decay == 5e-5 and c.dataset.flip is True
     assert c.method.name == "rlrr" and c.method.drop == 0.1 and c.model.drop_path_rate == 0.1
 
 
-@pytest.mark.skipif(not has_dataset("dtd"), reason="configs/dataset/vtab/dtd.yaml not written yet")
-def test_vtab_rlrr_dtd_dataset_config():
-    c = compose("experiment=vtab_rlrr", "dataset=vtab/dtd")
-    assert (c.optim.lr, c.optim.weight_decay, c.dataset.flip, c.method.drop) == (2e-3, 5e-5, True, 0.1)
-
-
 @pytest.mark.parametrize("task", sorted(spec_rlrr()))
 def test_vtab_rlrr_every_task(task):
     lr, wd, drop, flip = spec_rlrr()[task]
-    args = [f"dataset=vtab/{task}"] if has_dataset(task) else [f"dataset.task={task}"]
-    c = compose("experiment=vtab_rlrr", *args)
+    c = compose("experiment=vtab_rlrr", f"dataset=vtab/{task}")
     j = job(c)
     assert j["optim"]["lr"] == lr and j["optim"]["weight_decay"] == wd
     assert j["method"]["drop"] == drop and j["model"]["drop_path_rate"] == drop and j["dataset"]["flip"] is flip
@@ -196,3 +183,50 @@ def test_vtab_rlrr_flips_match_the_task_registry():
 
     table = OmegaConf.load(CONFIGS / "experiment" / "vtab_rlrr.yaml").rlrr_hparams.vtab
     assert {t: bool(v.flip) for t, v in table.items()} == {t: TASKS[t].flip for t in TASKS}
+
+
+# SPEC §5: "FGVC: batch 32, wd 0.05, 50 epochs; lr / drop: CUB 3e-3/.1, NABirds 5e-4/.3,
+# Flowers 3e-3/.2, Dogs 1e-4/0, Cars 3e-3/.2."
+SPEC_RLRR_FGVC = {"cub": (3e-3, 0.1), "nabirds": (5e-4, 0.3), "flowers": (3e-3, 0.2), "dogs": (1e-4, 0.0),
+                  "cars": (3e-3, 0.2)}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_RLRR_FGVC))
+def test_fgvc_rlrr_every_dataset(name):
+    lr, drop = SPEC_RLRR_FGVC[name]
+    j = job(compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}"))
+    assert j["dataset"]["task"] == name and j["method"]["name"] == "rlrr" and j["protocol"] == "final"
+    assert (j["optim"]["lr"], j["optim"]["weight_decay"]) == (lr, 0.05)
+    assert j["method"]["drop"] == drop and j["model"]["drop_path_rate"] == drop
+    assert (j["trainer"]["batch_size"], j["trainer"]["epochs"], j["trainer"]["eval_every"]) == (32, 60, 1)
+    d = j["dataset"]
+    assert (d["normalize"], d["train_crop"], d["resize"], d["flip"]) == ("half", "resize_crop", "square", True)
+    o = j["optim"]
+    if name in ("cub", "dogs"):  # RLRR's code: CosineAnnealingWarmRestarts(T_0=5, eta_min=0), no warm-up
+        assert (o["restart_epochs"], o["warmup_epochs"], o["min_lr"], o["cooldown_epochs"]) == (5, 0, 0.0, 0)
+    else:                        # 50 epochs of warm-up + cosine, then 10 of cool-down
+        assert (o["restart_epochs"], o["warmup_epochs"], o["min_lr"], o["cooldown_epochs"]) == (None, 10, 1e-8, 10)
+        assert o["warmup_lr"] == 1e-7 and j["trainer"]["epochs"] - o["cooldown_epochs"] == 50
+
+
+def test_fgvc_rlrr_table_covers_the_registry():
+    from peft_vit.data.fgvc import DATASETS
+
+    table = OmegaConf.load(CONFIGS / "experiment" / "fgvc_rlrr.yaml").rlrr_fgvc_hparams
+    assert set(table) == set(DATASETS) == set(SPEC_RLRR_FGVC)
+
+
+def test_fgvc_rlrr_schedule_builds_for_every_dataset():
+    import torch
+
+    from peft_vit.engine.loop import build_scheduler
+
+    for name in SPEC_RLRR_FGVC:
+        c = compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}")
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=c.optim.lr)
+        build_scheduler(opt, c.optim, c.trainer.epochs, steps_per_epoch=3)
+
+
+def test_fgvc_rlrr_rejects_a_vtab_dataset():
+    with pytest.raises(Exception):
+        job(compose("experiment=fgvc_rlrr", "dataset=vtab/cifar"))

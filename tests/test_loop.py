@@ -126,3 +126,25 @@ def test_schedule_warmup_cosine_cooldown():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # linear rise, per iteration
     assert all(a >= b for a, b in zip(lrs[10:50], lrs[11:51]))      # cosine decay
     assert lrs[50:] == pytest.approx([1e-5] * 10)                   # cool-down held at min_lr
+
+
+def test_schedule_restarts():
+    """restart_epochs: the cosine restarts from lr every that many epochs, per iteration."""
+    from omegaconf import OmegaConf
+
+    from peft_vit.engine.loop import build_scheduler
+
+    ocfg = OmegaConf.create(dict(lr=1e-3, warmup_epochs=0, warmup_lr=1e-7, min_lr=0.0, cooldown_epochs=0,
+                                 restart_epochs=5))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
+    sched = build_scheduler(opt, ocfg, epochs=12, steps_per_epoch=4)
+    lrs = []
+    for n in range(48):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step_update(n + 1)
+    assert lrs[0] == lrs[20] == lrs[40] == pytest.approx(1e-3)        # restarts at epochs 0, 5, 10
+    assert lrs[10] == pytest.approx(5e-4) and lrs[30] == pytest.approx(5e-4)  # half-way down each cycle
+    for a, b in ((0, 20), (20, 40), (40, 48)):
+        assert all(x > y for x, y in zip(lrs[a:b - 1], lrs[a + 1:b]))  # decays within each cycle
+    with pytest.raises(ValueError, match="optim.restart_epochs=20"):
+        build_scheduler(opt, OmegaConf.merge(ocfg, {"restart_epochs": 20}), epochs=12, steps_per_epoch=4)

@@ -160,10 +160,11 @@ def build(dcfg, protocol: str) -> DataSplits:
         parts[split] = listing
     size, interp = int(dcfg.img_size), dcfg.get("interpolation", "bilinear")
     normalize = dcfg.get("normalize", "imagenet")
+    resize = dcfg.get("resize", "short_side")
     train_tf = fgvc_train_transform(size, dcfg.get("train_crop", "random_resized"), interp,
-                                    flip=bool(dcfg.get("flip", True)))
+                                    flip=bool(dcfg.get("flip", True)), resize=resize)
     train = ImageList(parts[train_split], train_tf, normalize)
-    ev = ImageList(parts[eval_split], fgvc_eval_transform(size, interp), normalize)
+    ev = ImageList(parts[eval_split], fgvc_eval_transform(size, interp, resize), normalize)
     names = SPLIT_NAMES[protocol]
     return DataSplits(train, ev, names[0], names[1], ds.num_classes)
 

@@ -87,31 +87,45 @@ class ResizeSquare:
         return f"ResizeSquare({self.size}, {self.interp_name})"  # part of the decode cache key
 
 
+FGVC_RESIZES = ("short_side", "square")
+
+
 def fgvc_resize_size(img_size: int) -> int:
-    """The short side before the crop: 256 for 224 (VPT: 224->256, 384->438, 448->512)."""
+    """The size before the crop: 256 for 224 (VPT: 224->256, 384->438, 448->512)."""
     return int(img_size * 256 / 224)
 
 
+def _fgvc_resize(img_size: int, resize: str, mode):
+    """``short_side``: the short side to 256/224 * img_size, aspect kept (VPT's code);
+    ``square``: both sides to it, aspect not kept (RLRR's code, ``Resize((256, 256))``)."""
+    from torchvision import transforms as T
+
+    n = fgvc_resize_size(img_size)
+    if resize not in FGVC_RESIZES:
+        raise ValueError(f"dataset.resize={resize!r}; choose one of {', '.join(FGVC_RESIZES)}")
+    return T.Resize(n if resize == "short_side" else (n, n), interpolation=mode)
+
+
 def fgvc_train_transform(img_size: int, crop: str = "random_resized", interp: str = "bilinear",
-                         flip: bool = True) -> Callable:
+                         flip: bool = True, resize: str = "short_side") -> Callable:
     """FGVC training: ``random_resized`` = RandomResizedCrop(img_size) + flip (HTA);
-    ``resize_crop`` = Resize(short side 256/224 * img_size) + RandomCrop(img_size) + flip (RLRR, VPT).
-    Random draws use torch's global RNG (seeded per item by the loop's ``SeededAugment``)."""
+    ``resize_crop`` = resize to 256/224 * img_size (``resize``: short side or square) +
+    RandomCrop(img_size) + flip (VPT, RLRR). Random draws use torch's global RNG (seeded per item
+    by the loop's ``SeededAugment``)."""
     from torchvision import transforms as T
 
     mode = T.InterpolationMode(interp)
     if crop == "random_resized":
         ops = [T.RandomResizedCrop(img_size, interpolation=mode)]
     elif crop == "resize_crop":
-        ops = [T.Resize(fgvc_resize_size(img_size), interpolation=mode), T.RandomCrop(img_size)]
+        ops = [_fgvc_resize(img_size, resize, mode), T.RandomCrop(img_size)]
     else:
         raise ValueError(f"dataset.train_crop={crop!r}; choose one of {', '.join(FGVC_TRAIN_CROPS)}")
     return T.Compose(ops + ([T.RandomHorizontalFlip()] if flip else []))
 
 
-def fgvc_eval_transform(img_size: int, interp: str = "bilinear") -> Callable:
-    """FGVC test: resize the short side to 256/224 * img_size, centre crop img_size."""
+def fgvc_eval_transform(img_size: int, interp: str = "bilinear", resize: str = "short_side") -> Callable:
+    """FGVC test: resize to 256/224 * img_size (short side or square), centre crop img_size."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(fgvc_resize_size(img_size), interpolation=T.InterpolationMode(interp)),
-                      T.CenterCrop(img_size)])
+    return T.Compose([_fgvc_resize(img_size, resize, T.InterpolationMode(interp)), T.CenterCrop(img_size)])

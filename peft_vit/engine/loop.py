@@ -132,16 +132,26 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim
 
 def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_per_epoch: int):
     """Per-iteration linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then (RLRR's
-    cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. Call ``step_update(n)`` after
-    the n-th optimiser step."""
+    cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. With ``restart_epochs`` the cosine
+    restarts from ``lr`` every that many epochs (SGDR, as RLRR's code for CUB and Dogs). Call
+    ``step_update(n)`` after the n-th optimiser step."""
+    import math
+
     from timm.scheduler import CosineLRScheduler
 
     cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
     if cosine_epochs <= 0:
         raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
-    return CosineLRScheduler(optimizer, t_initial=cosine_epochs * steps_per_epoch, lr_min=ocfg.min_lr,
-                             warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr,
-                             t_in_epochs=False)
+    cycle, cycles = cosine_epochs, 1
+    if ocfg.get("restart_epochs"):
+        cycle = ocfg.restart_epochs
+        if not 0 < cycle <= cosine_epochs:
+            raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
+                             f"minus optim.cooldown_epochs), or null for one cosine")
+        cycles = math.ceil(cosine_epochs / cycle)
+    return CosineLRScheduler(optimizer, t_initial=int(cycle * steps_per_epoch), lr_min=ocfg.min_lr,
+                             cycle_limit=cycles, warmup_t=int(ocfg.warmup_epochs * steps_per_epoch),
+                             warmup_lr_init=ocfg.warmup_lr, t_in_epochs=False)
 
 
 @torch.no_grad()
