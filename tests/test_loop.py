@@ -110,18 +110,24 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
 
 
-def test_schedule_warmup_cosine_cooldown():
+def schedule(epochs, steps_per_epoch, **ocfg):
+    """The learning rate before each optimiser step of the loop's scheduler."""
     from omegaconf import OmegaConf
 
     from peft_vit.engine.loop import build_scheduler
 
-    ocfg = OmegaConf.create(dict(lr=1e-3, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=2))
+    ocfg = OmegaConf.create(dict(lr=1e-3, **ocfg))
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
-    sched = build_scheduler(opt, ocfg, epochs=12, steps_per_epoch=5)
+    sched = build_scheduler(opt, ocfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for n in range(60):
+    for n in range(epochs * steps_per_epoch):
         lrs.append(opt.param_groups[0]["lr"])
         sched.step_update(n + 1)
+    return lrs
+
+
+def test_schedule_warmup_cosine_cooldown():
+    lrs = schedule(12, 5, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=2)
     assert lrs[0] == pytest.approx(1e-6)                            # warm-up starts at warmup_lr
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # linear rise, per iteration
     assert all(a >= b for a, b in zip(lrs[10:50], lrs[11:51]))      # cosine decay
@@ -130,21 +136,11 @@ def test_schedule_warmup_cosine_cooldown():
 
 def test_schedule_restarts():
     """restart_epochs: the cosine restarts from lr every that many epochs, per iteration."""
-    from omegaconf import OmegaConf
-
-    from peft_vit.engine.loop import build_scheduler
-
-    ocfg = OmegaConf.create(dict(lr=1e-3, warmup_epochs=0, warmup_lr=1e-7, min_lr=0.0, cooldown_epochs=0,
-                                 restart_epochs=5))
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
-    sched = build_scheduler(opt, ocfg, epochs=12, steps_per_epoch=4)
-    lrs = []
-    for n in range(48):
-        lrs.append(opt.param_groups[0]["lr"])
-        sched.step_update(n + 1)
+    sgdr = dict(warmup_epochs=0, warmup_lr=1e-7, min_lr=0.0, cooldown_epochs=0)
+    lrs = schedule(12, 4, restart_epochs=5, **sgdr)
     assert lrs[0] == lrs[20] == lrs[40] == pytest.approx(1e-3)        # restarts at epochs 0, 5, 10
     assert lrs[10] == pytest.approx(5e-4) and lrs[30] == pytest.approx(5e-4)  # half-way down each cycle
     for a, b in ((0, 20), (20, 40), (40, 48)):
         assert all(x > y for x, y in zip(lrs[a:b - 1], lrs[a + 1:b]))  # decays within each cycle
     with pytest.raises(ValueError, match="optim.restart_epochs=20"):
-        build_scheduler(opt, OmegaConf.merge(ocfg, {"restart_epochs": 20}), epochs=12, steps_per_epoch=4)
+        schedule(12, 4, restart_epochs=20, **sgdr)
