@@ -144,3 +144,5 @@ def test_schedule_restarts():
         assert all(x > y for x, y in zip(lrs[a:b - 1], lrs[a + 1:b]))  # decays within each cycle
     with pytest.raises(ValueError, match="optim.restart_epochs=20"):
         schedule(12, 4, restart_epochs=20, **sgdr)
+    with pytest.raises(ValueError, match="optim.restart_epochs=0"):
+        schedule(12, 4, restart_epochs=0, **sgdr)

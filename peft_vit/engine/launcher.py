@@ -331,20 +331,9 @@ class _BoundedWait:
             hc.cfg = old
 
     # -- jobs of an earlier launch of this sweep that are still queued or running
-    SIDECAR = "peft_vit_job.json"
-
-    def _record(self, slot: _Slot) -> None:
-        """Next to submitit's files of the job: which sweep job it runs (read by _adopt)."""
-        try:
-            folder = Path(slot.job.paths.folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / self.SIDECAR).write_text(json.dumps({"num": slot.num, "overrides": slot.overrides}))
-        except OSError as e:
-            log.warning(f"could not record job {slot.job.job_id}: {e}")
-
     def _adopt(self, slots: List[_Slot]) -> None:
-        """A sweep re-launched while jobs of an earlier launch (whose launcher died: logout, Ctrl-C)
-        are still queued or running waits for those jobs instead of submitting duplicates."""
+        """Give ``slots`` whose job an earlier launch of this sweep left queued or running that job,
+        so it is waited for, not submitted twice. Here: none (local jobs end with their launcher)."""
 
     # -- waiting
     def _submit(self, executor: Any, slots: List[_Slot]) -> None:
@@ -456,7 +445,20 @@ class SlurmLauncher(_BoundedWait, _SubmititSlurm):
     def _states(self, slots: List[_Slot]) -> Optional[Dict[str, str]]:
         return slurm_states([str(s.job.job_id) for s in slots])
 
+    SIDECAR = "peft_vit_job.json"
+
+    def _record(self, slot: _Slot) -> None:
+        """Next to submitit's files of the job: which sweep job it runs (read by _adopt)."""
+        try:
+            folder = Path(slot.job.paths.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / self.SIDECAR).write_text(json.dumps({"num": slot.num, "overrides": slot.overrides}))
+        except OSError as e:
+            log.warning(f"could not record job {slot.job.job_id}: {e}")
+
     def _adopt(self, slots: List[_Slot]) -> None:
+        """A sweep re-launched while jobs of an earlier launch (whose launcher died: logout, Ctrl-C)
+        are still queued or running waits for those jobs instead of submitting duplicates."""
         import submitit
 
         folder_pattern = str(self.params["submitit_folder"])  # type: ignore[attr-defined]

@@ -143,7 +143,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_p
     if cosine_epochs <= 0:
         raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
     cycle, cycles = cosine_epochs, 1
-    if ocfg.get("restart_epochs"):
+    if ocfg.get("restart_epochs") is not None:  # 0 is an error, not "no restarts"
         cycle = ocfg.restart_epochs
         if not 0 < cycle <= cosine_epochs:
             raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
