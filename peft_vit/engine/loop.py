@@ -16,87 +16,26 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import signal
+import os
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Sampler
 
 from .. import build_model, count_parameters
-from ..data import SeededAugment, build_datasets
-from ..record import RESULTS, RunLogger, git_commit, versions, write_json_atomic
-from . import checkpoint, distributed
+from ..data import build_datasets
+from ..data.loader import EvalBatches, GlobalBatchSampler, TrainBatches  # noqa: F401 (re-exported)
+from ..record import RESULTS, RunLogger, atomic_file, git_commit, versions, write_json_atomic
+from . import checkpoint, distributed, rundir
+from .signals import StopSignal, ignore_stop_signals_in_worker
 
 log = logging.getLogger("peft_vit")
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "trainable.safetensors"
-
-
-class GlobalBatchSampler(Sampler[List]):
-    """Batches of a global size ``batch_size`` from a per-epoch permutation seeded with
-    (seed, epoch); rank r of w takes its contiguous share of each global batch. Items are
-    ``(index, augmentation seed)`` pairs for :class:`SeededAugment`."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, drop_last: bool = True):
-        if batch_size % world:
-            raise ValueError(f"trainer.batch_size={batch_size} is not divisible by {world} processes")
-        if drop_last and n < batch_size:
-            raise ValueError(f"{n} training images < trainer.batch_size={batch_size} with drop_last")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.drop_last = drop_last
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def __iter__(self) -> Iterator[List]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        aug = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        for b in range(self.start, len(self)):
-            batch = list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n)))
-            share = math.ceil(len(batch) / self.world)
-            mine = batch[self.rank * share:(self.rank + 1) * share]
-            yield [(perm[i], aug[i]) for i in mine]
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next step boundary, then hands
-    the signal to whoever had it before (submitit requeues the job on SIGUSR2) or exits."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self.previous[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-    def forward(self) -> None:
-        signum, prev = self.signum, self.previous.get(self.signum)
-        self.restore()
-        if callable(prev):  # e.g. submitit: checkpoint() + requeue, then exit
-            prev(signum, None)
-            self.signum = None
-            return
-        raise SystemExit(128 + signum)
 
 
 def _hydra_context(cfg: DictConfig):
@@ -155,30 +94,53 @@ def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_p
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist, amp: Optional[torch.dtype]) -> float:
+def evaluate(model: nn.Module, batches: EvalBatches, d: distributed.Dist, amp: Optional[torch.dtype]) -> float:
     model.eval()
+    t0 = time.time()
     correct = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for x, y in loader:
-        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+    for x, y in batches:  # already on the device
         with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             pred = model(x).argmax(-1)
         correct[0] += (pred == y).sum()
         correct[1] += y.numel()
     distributed.all_reduce_sum(correct, d)
-    return 100.0 * (correct[0] / correct[1]).item()
+    acc = 100.0 * (correct[0] / correct[1]).item()
+    batches.timed(int(correct[1].item()), time.time() - t0)
+    return acc
 
 
 def run(cfg: DictConfig) -> Dict:
+    """Train and evaluate one run into its output dir, which it owns while it runs (a lock;
+    rank 0 holds it under torchrun). With ``skip_done`` a results.json of the same configuration
+    is returned as is; one of another configuration is an error naming the keys that differ."""
     t_start = time.time()
     out_dir, experiment, sweep, overrides = _hydra_context(cfg)
     result_path = out_dir / RESULTS
-    if cfg.skip_done and result_path.exists():
-        log.info("skip_done: %s exists, nothing to do", result_path)
-        print(f"[peft-vit] skip: {result_path} already exists (skip_done=true)")
-        import json
+    result_cfg = rundir.result_config(cfg)
+    lock = rundir.RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+        if lock.previous:
+            print(f"[peft-vit] took over the lock of {out_dir} from {lock.previous}, no longer running")
+        for p in rundir.remove_stale_temp_files(out_dir):
+            print(f"[peft-vit] removed {p}, a write that a killed run left unfinished")
+    try:
+        if cfg.skip_done:
+            done = rundir.finished_record(result_path, result_cfg)
+            if done is not None:
+                if lock is not None:
+                    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # a run killed right after its record
+                log.info("skip_done: %s exists, nothing to do", result_path)
+                print(f"[peft-vit] skip: {result_path} already exists (skip_done=true)")
+                return done
+        return _train(cfg, t_start, out_dir, experiment, sweep, overrides, result_cfg)
+    finally:
+        if lock is not None:
+            lock.release()
 
-        return json.loads(result_path.read_text())
 
+def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, overrides, result_cfg) -> Dict:
+    result_path = out_dir / RESULTS
     tcfg, ocfg = cfg.trainer, cfg.optim
     d = distributed.init(tcfg.device)
     torch.manual_seed(cfg.seed)
@@ -191,19 +153,17 @@ def run(cfg: DictConfig) -> Dict:
 
     # ---- data
     data = build_datasets(cfg)
-    sampler = GlobalBatchSampler(len(data.train), tcfg.batch_size, cfg.seed, d.rank, d.world_size, tcfg.drop_last)
-    # loaders draw their seeds from their own generators, never from the global RNG (which
-    # drives dropout and must resume exactly); augmentation is seeded per item by the sampler
-    loader_kw = dict(num_workers=tcfg.num_workers, pin_memory=d.device.type == "cuda",
-                     persistent_workers=tcfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
-    train_loader = DataLoader(SeededAugment(data.train), batch_sampler=sampler, **loader_kw)
-    eval_idx = list(range(d.rank, len(data.eval), d.world_size))
-    eval_loader = DataLoader(torch.utils.data.Subset(data.eval, eval_idx), batch_size=tcfg.eval_batch_size,
-                             shuffle=False, **loader_kw)
+    # decoded (in-memory) sets: on the device, no workers; others: DataLoader workers. Batches are
+    # functions of (seed, epoch, position) either way (peft_vit.data.loader)
+    workers = dict(num_workers=tcfg.num_workers, worker_init_fn=ignore_stop_signals_in_worker)  # main handles signals
+    train_batches = TrainBatches(data.train, tcfg.batch_size, cfg.seed, d.device, d.rank, d.world_size,
+                                 tcfg.drop_last, **workers)
+    eval_batches = EvalBatches(data.eval, tcfg.eval_batch_size, d.device, d.rank, d.world_size, **workers)
+    startup_s = time.time() - t_start  # model built, data ready
 
     # ---- optimisation: per-iteration linear warm-up then cosine (timm)
     optimizer = build_optimizer(model, ocfg, d.device)
-    steps_per_epoch = len(sampler)
+    steps_per_epoch = len(train_batches)
     scheduler = build_scheduler(optimizer, ocfg, tcfg.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing, reduction="sum")
@@ -215,8 +175,9 @@ def run(cfg: DictConfig) -> Dict:
     # ---- resume
     ckpt_path = out_dir / CHECKPOINT
     start_epoch, start_step, history, train_time, images_seen = 0, 0, [], 0.0, 0
-    if ckpt_path.exists():
-        state = checkpoint.load(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state = checkpoint.resume_state(ckpt_path, tcfg.resume, result_cfg, d.is_main)
+    if state is not None:
+        checkpoint.restore(ckpt_path, state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, start_step = state["epoch"], state["step"]
         history, train_time, images_seen = (state["extra"].get(k) for k in ("history", "train_time", "images_seen"))
         if d.is_main:
@@ -226,7 +187,8 @@ def run(cfg: DictConfig) -> Dict:
         if d.is_main:
             checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             epoch=epoch, step=step,
-                            extra=dict(history=history, train_time=train_time, images_seen=images_seen))
+                            extra=dict(history=history, train_time=train_time, images_seen=images_seen),
+                            config=result_cfg)
         distributed.barrier(d)
 
     # ---- logging (rank 0 only)
@@ -246,16 +208,20 @@ def run(cfg: DictConfig) -> Dict:
     stop = StopSignal()
     from tqdm.auto import tqdm
 
+    # a terminal redraws one line; a log file (SLURM) gets a progress line at most every
+    # trainer.log_every_s (tqdm's monitor thread forces one every maxinterval: set it too)
+    tty = sys.stderr.isatty()
+    every = 0.2 if tty else float(tcfg.log_every_s)
     bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_step,
                disable=not (tcfg.progress and d.is_main), dynamic_ncols=True, desc=cfg.method.name,
-               mininterval=0.2 if sys.stderr.isatty() else 30.0)
+               mininterval=every, maxinterval=max(every, 10.0))
+    say = bar.write if tty else print  # one line per evaluation (tqdm.write redraws the bar after it)
     try:
         for epoch in range(start_epoch, tcfg.epochs):
             net.train()
-            sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+            first = start_step if epoch == start_epoch else 0
             t0 = time.time()
-            for step, (x, y) in enumerate(train_loader, start=sampler.start):
-                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            for step, (x, y) in enumerate(train_batches.epoch(epoch, first), start=first):  # on the device
                 global_n = min(tcfg.batch_size, len(data.train) - step * tcfg.batch_size)
                 with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     # sum over the local share / global batch, times world (DDP averages grads):
@@ -275,7 +241,8 @@ def run(cfg: DictConfig) -> Dict:
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                refresh=False)  # shown with the next (rate-limited) update
                 if gstep % 10 == 0:
                     logger.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
                                 "epoch": epoch}, step=gstep)
@@ -288,12 +255,17 @@ def run(cfg: DictConfig) -> Dict:
             train_time += time.time() - t0
             last = epoch + 1 == tcfg.epochs
             if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
-                acc = evaluate(net, eval_loader, d, amp)
+                acc = evaluate(net, eval_batches, d, amp)
                 history.append({"epoch": epoch + 1, "acc": acc})
                 logger.log({f"eval/{eval_key}": acc, "epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch)
-                bar.write(f"[peft-vit] epoch {epoch + 1}: {data.eval_split} acc {acc:.2f}%  [{cfg.protocol}]")
-            if not last and tcfg.checkpoint_every and (epoch + 1) % tcfg.checkpoint_every == 0:
+                say(f"[peft-vit] epoch {epoch + 1}: {data.eval_split} acc {acc:.2f}%  [{cfg.protocol}]")
+            # a signal during the evaluation is handled after it (after the last one, the run just finishes)
+            stopping = stop.signum is not None and not last
+            if stopping or (not last and tcfg.checkpoint_every and (epoch + 1) % tcfg.checkpoint_every == 0):
                 save_checkpoint(epoch + 1, 0)
+            if stopping:
+                print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step 0")
+                stop.forward()
     finally:
         bar.close()
         stop.restore()
@@ -314,12 +286,13 @@ def run(cfg: DictConfig) -> Dict:
         **counts,
         "wall_time_s": round(time.time() - t_start, 2),
         "train_images_per_s": round(images_seen / max(train_time, 1e-9), 2),
+        "startup_s": round(startup_s, 2), "eval_images_per_s": eval_batches.images_per_s,
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": "cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
         "world_size": d.world_size, "device": str(d.device),
         "experiment": experiment, "sweep": sweep, "overrides": overrides,
         "git_commit": git_commit(), "versions": versions(),
-        "config": run_cfg,
+        "config": run_cfg, "config_fingerprint": rundir.fingerprint(result_cfg),
     }
     if method is not None and d.is_main:
         diag = method.report(model, out_dir)
@@ -327,9 +300,10 @@ def run(cfg: DictConfig) -> Dict:
             record[cfg.method.name] = diag
     if d.is_main:
         if tcfg.save_weights:  # the trained parameters, for scripts/export_merged.py
-            from safetensors.torch import save_file
+            from safetensors.torch import save as safetensors_bytes
 
-            save_file(checkpoint.trainable_state(model), str(out_dir / WEIGHTS))
+            with atomic_file(out_dir / WEIGHTS, "wb") as f:
+                f.write(safetensors_bytes(checkpoint.trainable_state(model)))
         write_json_atomic(result_path, record)  # before anything that could still fail
         ckpt_path.unlink(missing_ok=True)
         print(f"[peft-vit] {label} | {eval_key} {record[eval_key]:.2f}% (last epoch) | best over epochs "
