@@ -1,36 +1,25 @@
-"""Read many ``results.json`` run records, group them, and select hyper-parameters.
+"""Read and validate many ``results.json`` run records, group them into table rows, and select
+hyper-parameters.
 
-The record is the contract written by the training loop (``peft_vit/engine/loop.py``): one
-file per run, with ``method``, ``dataset``, ``task``, ``protocol`` (``tune`` | ``final``),
-``seed``, the accuracy (``val_acc`` for tune, ``test_acc`` for final, both of the LAST
-epoch), ``best_acc_over_epochs`` with ``best_acc_selects_on`` naming the split that maximum
-selects on, the parameter counts and the full resolved ``config``.
+The record is written by the training loop (``peft_vit/engine/loop.py``), one per run. Every
+record read is validated (:data:`SCHEMA`); a malformed one is skipped and named, with its path,
+in :attr:`Collection.issues` (``scripts/make_table.py --strict`` refuses instead).
 
 Views
 -----
-A *view* is one way of reading an accuracy out of a record. A table row always holds a
-single view, so protocols never mix within a row:
+A *view* is one way of reading an accuracy out of a record. A row holds a single view, so
+protocols never mix within a row: ``final/last-epoch`` (final, ``test_acc``),
+``final/max-over-epochs (selects on test)`` (final, ``best_acc_over_epochs``) and
+``tune/val`` (tune, ``val_acc``).
 
-==========================================  ========  =========================
-label                                       protocol  field
-==========================================  ========  =========================
-``final/last-epoch``                        final     ``test_acc``
-``final/max-over-epochs (selects on test)`` final     ``best_acc_over_epochs``
-``tune/val``                                tune      ``val_acc``
-==========================================  ========  =========================
-
-Row keys, duplicates and variants
----------------------------------
-Records are grouped into rows by (dataset, method, backbone, experiment, view). Within a
-row, two records of the same task and seed are
-
-* a *duplicate* when their configs agree (after dropping keys that do not change the
-  result: seed, paths, logging, workers, ...). Only one is kept (the last in sorted path
-  order: Hydra's timestamped run directories sort oldest first) and every duplicate is
-  reported;
-* a *conflict* otherwise (e.g. a learning-rate sweep). The config keys that differ are then
-  added to the row key as a *variant* (``optim.lr=0.001``), so different settings are never
-  averaged together, and the split is reported.
+Duplicates and variants
+-----------------------
+Records are grouped into rows by (dataset, method, backbone, experiment, view). Within a row,
+two records of the same task and seed are a *duplicate* when their configs agree after
+dropping :data:`IGNORED_CONFIG_KEYS` (the last in path order is kept: Hydra's timestamped run
+directories sort oldest first; every duplicate is reported), and a *conflict* otherwise: the
+differing config keys become part of the row (a *variant*, ``optim.lr=0.001``), so different
+settings are never averaged together.
 """
 from __future__ import annotations
 
@@ -39,13 +28,17 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-RESULTS = "results.json"
+import pandas as pd
+
+from ..record import RESULTS
+
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
-# the rows the papers mark *
-BACKBONE_MARKS = {DEFAULT_BACKBONE: "", "vit_base_patch16_224.augreg_in21k": "*"}
+BACKBONE_MARKS = {DEFAULT_BACKBONE: "", "vit_base_patch16_224.augreg_in21k": "*"}  # the papers' * rows
+METHOD_ORDER = ["linear", "full", "adapter", "lora", "kadaptation", "rlrr", "householder"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,7 @@ VIEWS: Dict[str, View] = {
     "max": View("max", "final/max-over-epochs (selects on test)", "final", "best_acc_over_epochs"),
     "val": View("val", "tune/val", "tune", "val_acc"),
 }
-VIEW_ORDER = ["last", "max", "val"]
+VIEW_ORDER = list(VIEWS)
 
 # config keys that do not change a run's result (or are in the row key already)
 IGNORED_CONFIG_KEYS = (
@@ -70,59 +63,43 @@ IGNORED_CONFIG_KEYS = (
     "trainer.eval_batch_size", "trainer.save_weights", "dataset.root", "model.checkpoint",
 )
 
-
 # --------------------------------------------------------------------------- records
 
-@dataclass
-class Record:
-    path: str                 # relative to the collection root (for messages)
-    data: Dict[str, Any]
-    file: Optional[Path] = None  # the results.json itself
+NUMBER = (int, float)
+SCHEMA: Dict[str, Tuple[type, ...]] = {  # key -> accepted types; the first five are required
+    "method": (str,), "dataset": (str,), "task": (str,), "protocol": (str,), "seed": (int,),
+    "experiment": (str, type(None)), "config": (dict,), "test_acc": NUMBER, "val_acc": NUMBER,
+    "best_acc_over_epochs": NUMBER, "best_acc_selects_on": (str,), "eval_split": (str,),
+    "trainable_params": NUMBER, "trainable_params_no_head": NUMBER,
+}
+REQUIRED = ("method", "dataset", "task", "protocol", "seed")
+ACCURACY = {"final": "test_acc", "tune": "val_acc"}  # the accuracy a record of each protocol must hold
 
-    @property
-    def method(self) -> str:
-        return str(self.data.get("method") or _get(self.config, "method.name") or "?")
 
-    @property
-    def dataset(self) -> str:
-        return str(self.data.get("dataset") or _get(self.config, "dataset.name") or "?")
+def record_problems(d: Any) -> List[str]:
+    """What makes ``d`` not a valid run record (empty when it is one)."""
+    if not isinstance(d, dict):
+        return ["not a JSON object"]
+    out = [f"missing {k!r}" for k in REQUIRED if k not in d]
+    for k, types in SCHEMA.items():
+        if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool)):
+            out.append(f"{k!r} is {type(d[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}")
+    out += [f"{k!r} is empty" for k in REQUIRED[:3] if d.get(k) == ""]
+    if isinstance(d.get("protocol"), str):
+        if d["protocol"] not in ACCURACY:
+            out.append(f"'protocol' is {d['protocol']!r}, expected tune or final")
+        elif ACCURACY[d["protocol"]] not in d:
+            out.append(f"missing {ACCURACY[d['protocol']]!r} (the accuracy of a {d['protocol']} record)")
+    return out
 
-    @property
-    def task(self) -> str:
-        return str(self.data.get("task") or _get(self.config, "dataset.task") or "?")
 
-    @property
-    def protocol(self) -> str:
-        return str(self.data.get("protocol") or _get(self.config, "protocol") or "?")
+def flatten(d: Dict[str, Any]) -> Dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
+    return pd.json_normalize(d, sep=".").to_dict("records")[0] if d else {}
 
-    @property
-    def seed(self) -> Any:
-        s = self.data.get("seed", _get(self.config, "seed"))
-        return s
 
-    @property
-    def experiment(self) -> Optional[str]:
-        return self.data.get("experiment")
-
-    @property
-    def backbone(self) -> str:
-        return str(_get(self.config, "model.name") or DEFAULT_BACKBONE)
-
-    @property
-    def config(self) -> Dict[str, Any]:
-        return self.data.get("config") or {}
-
-    def value(self, view: View) -> Optional[float]:
-        if self.protocol != view.protocol:
-            return None
-        v = self.data.get(view.field)
-        if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on", "test") != "test":
-            return None  # a final record whose max selects on something else: not this view
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    def fingerprint(self) -> str:
-        flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k)}
-        return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
 
 
 def _get(d: Any, dotted: str, default=None):
@@ -133,34 +110,50 @@ def _get(d: Any, dotted: str, default=None):
     return d
 
 
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)
+@dataclass
+class Record:
+    """One validated results.json. ``path`` is relative to the directory given (for messages)."""
+    path: str
+    data: Dict[str, Any]
+    file: Optional[Path] = None
 
+    method = property(lambda self: self.data["method"])
+    dataset = property(lambda self: self.data["dataset"])
+    task = property(lambda self: self.data["task"])
+    protocol = property(lambda self: self.data["protocol"])
+    seed = property(lambda self: self.data["seed"])
+    experiment = property(lambda self: self.data.get("experiment"))
+    config = property(lambda self: self.data.get("config") or {})
+    backbone = property(lambda self: str(_get(self.config, "model.name") or DEFAULT_BACKBONE))
 
-def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
-    out: Dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, dict) and v:
-                out.update(flatten(v, key))
-            else:
-                out[key] = v
-    return out
+    def value(self, view: View) -> Optional[float]:
+        v = self.data.get(view.field)
+        if self.protocol != view.protocol or not isinstance(v, NUMBER) or isinstance(v, bool):
+            return None
+        if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on", "test") != "test":
+            return None  # a final record whose max selects on something else: not this view
+        return float(v)
+
+    @cached_property
+    def settings(self) -> Dict[str, Any]:
+        """The flattened config without the keys that do not change the result."""
+        return {k: v for k, v in flatten(self.config).items() if not _ignored(k)}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(self.settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass
 class Collection:
     records: List[Record]
-    issues: List[str] = field(default_factory=list)   # unreadable files etc.
+    issues: List[str] = field(default_factory=list)   # unreadable or malformed files, skipped
 
 
 def find_results(paths: Sequence[os.PathLike]) -> List[Tuple[Path, Path]]:
     """(root, file) for every results.json under the given dirs (or given directly), sorted."""
     out = []
-    for p in paths:
-        p = Path(p)
+    for p in map(Path, paths):
         if p.is_file():
             out.append((p.parent, p))
         elif p.is_dir():
@@ -171,30 +164,27 @@ def find_results(paths: Sequence[os.PathLike]) -> List[Tuple[Path, Path]]:
 
 
 def load_records(paths: Sequence[os.PathLike]) -> Collection:
-    """Every results.json under ``paths`` (recursively). Paths in messages are relative to the
-    directory given on the command line."""
-    recs, issues = [], []
-    seen = set()
-    multi = len(paths) > 1
+    """Every valid results.json under ``paths`` (recursively), sorted by path. An unreadable or
+    malformed file is skipped and named in ``issues``."""
+    recs, issues, seen = [], [], set()
     for root, f in find_results(paths):
-        real = f.resolve()
-        if real in seen:
+        if f.resolve() in seen:
             continue
-        seen.add(real)
+        seen.add(f.resolve())
         rel = f.relative_to(root).as_posix()
-        if multi:  # prefix the directory as it was given
+        if len(paths) > 1:  # prefix the directory as it was given
             rel = f"{root.as_posix().rstrip('/')}/{rel}"
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             issues.append(f"unreadable {rel}: {e}")
             continue
-        if not isinstance(data, dict):
-            issues.append(f"unreadable {rel}: not a JSON object")
-            continue
-        recs.append(Record(rel, data, f))
-    recs.sort(key=lambda r: r.path)
-    return Collection(recs, issues)
+        bad = record_problems(data)
+        if bad:
+            issues.append(f"malformed {rel}: {'; '.join(bad)}")
+        else:
+            recs.append(Record(rel, data, f))
+    return Collection(sorted(recs, key=lambda r: r.path), issues)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -219,96 +209,68 @@ class RowData:
     entries: List[Entry] = field(default_factory=list)
 
     @property
-    def key(self):
-        return (self.dataset, self.method, self.backbone, self.experiment, self.view.key, self.variant)
-
-    @property
     def method_label(self) -> str:
-        mark = BACKBONE_MARKS.get(self.backbone)
-        label = self.method + (mark if mark is not None else f" [{self.backbone}]")
-        if self.variant:
-            label += " (" + ", ".join(f"{k}={v}" for k, v in self.variant) + ")"
-        return label
+        label = method_label(self.method, self.backbone)
+        return label + (" (" + ", ".join(f"{k}={v}" for k, v in self.variant) + ")" if self.variant else "")
 
 
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, sort_keys=True)
-    return str(v)
-
-
-def group_rows(records: Iterable[Record], views: Sequence[str] = ("last", "max", "val"),
-               notes: Optional[List[str]] = None) -> List[RowData]:
-    """Records -> rows (see the module docstring). Duplicates and variant splits are appended
-    to ``notes``."""
-    notes = notes if notes is not None else []
-    # 1. base groups: (dataset, method, backbone, experiment, view) -> records with a value
-    base: Dict[tuple, List[Record]] = {}
-    for r in records:
-        for vk in views:
-            view = VIEWS[vk]
-            if r.value(view) is None:
-                continue
-            base.setdefault((r.dataset, r.method, r.backbone, r.experiment, vk), []).append(r)
-
-    rows: Dict[tuple, RowData] = {}
-    reported_dups = set()
-    for (ds, method, backbone, exp, vk), recs in base.items():
-        view = VIEWS[vk]
-        # 2. duplicates: same task, seed and config fingerprint -> keep the last path
-        by_fp: Dict[tuple, List[Record]] = {}
-        for r in recs:
-            by_fp.setdefault((r.task, str(r.seed), r.fingerprint()), []).append(r)
-        kept = []
-        for k, rs in by_fp.items():
-            rs = sorted(rs, key=lambda r: r.path)
-            kept.append(rs[-1])
-            if len(rs) > 1:
-                dkey = (ds, method, backbone, exp, view.protocol, k)
-                if dkey not in reported_dups:
-                    reported_dups.add(dkey)
-                    notes.append(f"duplicate: {ds} {method} task={k[0]} seed={k[1]} protocol={view.protocol}"
-                                 f" has {len(rs)} records with the same config; kept {rs[-1].path}, ignored "
-                                 + ", ".join(r.path for r in rs[:-1]))
-        # 3. conflicts: same task and seed, different configs -> variant keys
-        by_ts: Dict[tuple, List[Record]] = {}
-        for r in kept:
-            by_ts.setdefault((r.task, str(r.seed)), []).append(r)
-        variant_keys = set()
-        for rs in by_ts.values():
-            if len(rs) > 1:
-                flats = [{k: v for k, v in flatten(r.config).items() if not _ignored(k)} for r in rs]
-                keys = set().union(*flats)
-                variant_keys |= {k for k in keys if len({_fmt_value(f.get(k)) for f in flats}) > 1}
-        vkeys = sorted(variant_keys)
-        if vkeys:
-            notes.append(f"split: {ds} {method} {_exp_label(exp)} {view.label}: records of the same task and seed "
-                         f"differ in {', '.join(vkeys)}; one row per setting")
-        for r in sorted(kept, key=lambda r: r.path):
-            variant = tuple((k, _fmt_value(_get(r.config, k))) for k in vkeys)
-            row = rows.get((ds, method, backbone, exp, vk, variant))
-            if row is None:
-                row = rows[(ds, method, backbone, exp, vk, variant)] = RowData(ds, method, backbone, exp, view, variant)
-            row.entries.append(Entry(r.task, r.seed, r.value(view), r))
-    return sorted(rows.values(), key=row_sort_key)
-
-
-METHOD_ORDER = ["linear", "full", "adapter", "lora", "kadaptation", "rlrr", "householder"]
+def method_label(method: str, backbone: str) -> str:
+    mark = BACKBONE_MARKS.get(backbone)
+    return method + (mark if mark is not None else f" [{backbone}]")
 
 
 def method_rank(method: str) -> Tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
-def row_sort_key(row: RowData):
-    return (row.dataset, method_rank(row.method), row.backbone != DEFAULT_BACKBONE, row.backbone,
-            row.experiment is not None, row.experiment or "", row.variant, VIEW_ORDER.index(row.view.key))
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else str(v)
 
 
-def _exp_label(exp: Optional[str]) -> str:
-    return f"experiment={exp}" if exp else "(no experiment)"
+def varying(records: Sequence[Record]) -> List[str]:
+    """The settings whose values differ among ``records`` (a missing key counts as None)."""
+    keys = set().union(*(r.settings for r in records))
+    return sorted(k for k in keys if len({_fmt_value(r.settings.get(k)) for r in records}) > 1)
+
+
+ROW_KEY = ["dataset", "method", "backbone", "experiment", "view"]
+
+
+def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
+               notes: Optional[List[str]] = None) -> List[RowData]:
+    """Records -> rows (see the module docstring). Duplicates and variant splits are appended
+    to ``notes``."""
+    notes = notes if notes is not None else []
+    df = pd.DataFrame([dict(dataset=r.dataset, method=r.method, backbone=r.backbone, experiment=r.experiment or "",
+                            view=v, protocol=VIEWS[v].protocol, task=r.task, seed=str(r.seed), fp=r.fingerprint,
+                            path=r.path, rec=r, value=r.value(VIEWS[v]))
+                       for r in records for v in views if r.value(VIEWS[v]) is not None])
+    rows, reported = [], set()
+    for (ds, method, backbone, exp, vk), g in (df.groupby(ROW_KEY, sort=False) if len(df) else ()):
+        view = VIEWS[vk]
+        for (task, seed, fp), d in g.groupby(["task", "seed", "fp"], sort=False):
+            if len(d) > 1 and (ds, method, backbone, exp, view.protocol, task, seed, fp) not in reported:
+                reported.add((ds, method, backbone, exp, view.protocol, task, seed, fp))
+                notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={view.protocol} has "
+                             f"{len(d)} records with the same config; kept {d.path.iloc[-1]}, ignored "
+                             + ", ".join(d.path.iloc[:-1]))
+        kept = g.drop_duplicates(["task", "seed", "fp"], keep="last")
+        clashes = kept[kept.duplicated(["task", "seed"], keep=False)].groupby(["task", "seed"]).rec
+        vkeys = sorted(set().union(*(varying(list(c)) for _, c in clashes)))
+        if vkeys:
+            notes.append(f"split: {ds} {method} {f'experiment={exp}' if exp else '(no experiment)'} {view.label}: "
+                         f"records of the same task and seed differ in {', '.join(vkeys)}; one row per setting")
+        by_variant: Dict[tuple, RowData] = {}
+        for r, value in zip(kept.rec, kept.value):
+            variant = tuple((k, _fmt_value(_get(r.config, k))) for k in vkeys)
+            row = by_variant.setdefault(variant, RowData(ds, method, backbone, exp or None, view, variant))
+            row.entries.append(Entry(r.task, r.seed, value, r))
+        rows += by_variant.values()
+    return sorted(rows, key=lambda r: (r.dataset, method_rank(r.method), r.backbone != DEFAULT_BACKBONE, r.backbone,
+                                       r.experiment is not None, r.experiment or "", r.variant,
+                                       VIEW_ORDER.index(r.view.key)))
 
 
 # --------------------------------------------------------------------------- selection
@@ -324,13 +286,8 @@ class Candidate:
     seeds: List[Any]
     records: List[Record]
 
-    @property
-    def mean(self) -> float:
-        return sum(self.scores) / len(self.scores)
-
-    @property
-    def std(self) -> Optional[float]:
-        return _std(self.scores)
+    mean = property(lambda self: float(pd.Series(self.scores).mean()))
+    std = property(lambda self: _std(self.scores))
 
     def get(self, key: str, default=None):
         return dict(self.values).get(key, default)
@@ -352,15 +309,12 @@ class Selection:
 
     def final_overrides(self, seeds: Sequence[int]) -> List[str]:
         hp = [f"{k}={_override_value(v)}" for k, v in self.best.values]
-        seed = "seed=" + ",".join(str(s) for s in seeds)
-        return self.base_overrides + hp + ["protocol=final", seed]
+        return self.base_overrides + hp + ["protocol=final", "seed=" + ",".join(str(s) for s in seeds)]
 
 
 def _override_value(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, (list, tuple)):
@@ -369,29 +323,22 @@ def _override_value(v: Any) -> str:
     return s if s and all(c.isalnum() or c in "._-/" for c in s) else json.dumps(s)
 
 
-# keys a selection never re-emits from the tuned runs' own overrides
-_DROP_OVERRIDES = ("protocol", "seed", "hydra", "skip_done")
+_DROP_OVERRIDES = ("protocol", "seed", "hydra", "skip_done")  # never re-emitted from the tuned runs
 
 
 def _record_overrides(r: Record) -> Optional[List[str]]:
     """The command-line overrides the run was launched with: from the record when it stores
     them, else from Hydra's ``.hydra/overrides.yaml`` beside it."""
-    for src in (r.data.get("overrides"), _get(r.data, "hydra.overrides.task"),
-                _get(r.config, "hydra.overrides.task")):
-        if isinstance(src, list) and all(isinstance(x, str) for x in src):
-            return list(src)
-    if r.file is not None:
-        f = Path(r.file).parent / ".hydra" / "overrides.yaml"
-        if f.is_file():
-            import yaml
+    srcs = [r.data.get("overrides"), _get(r.data, "hydra.overrides.task"), _get(r.config, "hydra.overrides.task")]
+    f = Path(r.file).parent / ".hydra" / "overrides.yaml" if r.file is not None else None
+    if f is not None and f.is_file():
+        import yaml
 
-            try:
-                src = yaml.safe_load(f.read_text())
-            except (OSError, yaml.YAMLError):
-                return None
-            if isinstance(src, list) and all(isinstance(x, str) for x in src):
-                return list(src)
-    return None
+        try:
+            srcs.append(yaml.safe_load(f.read_text()))
+        except (OSError, yaml.YAMLError):
+            pass
+    return next((list(s) for s in srcs if isinstance(s, list) and all(isinstance(x, str) for x in s)), None)
 
 
 def _override_key(o: str) -> str:
@@ -401,18 +348,15 @@ def _override_key(o: str) -> str:
 def rank_candidates(cands: List[Candidate]) -> List[Candidate]:
     """Best first. Documented tie rule: higher mean metric; then smaller ``optim.lr``; then
     larger ``optim.weight_decay``; then the remaining varying values compared as strings."""
-    def lr(c):
-        v = c.get("optim.lr")
-        return float(v) if isinstance(v, (int, float)) else math.inf
-
-    def wd(c):
-        v = c.get("optim.weight_decay")
-        return -float(v) if isinstance(v, (int, float)) else math.inf
+    def num(c, k, sign):
+        v = c.get(k)
+        return sign * float(v) if isinstance(v, NUMBER) else math.inf
 
     def rest(c):
         return tuple(_fmt_value(v) for k, v in c.values if k not in ("optim.lr", "optim.weight_decay"))
 
-    return sorted(cands, key=lambda c: (-round(c.mean, 9), lr(c), wd(c), rest(c)))
+    return sorted(cands, key=lambda c: (-round(c.mean, 9), num(c, "optim.lr", 1), num(c, "optim.weight_decay", -1),
+                                        rest(c)))
 
 
 def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final: bool = False,
@@ -427,12 +371,12 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
     if metric not in ("val_acc", "best_acc_over_epochs"):
         raise SelectionError(f"--metric {metric}: use val_acc (last epoch on val200) or best_acc_over_epochs "
                              "(max over epochs on val200)")
-    bad, tune = [], []
-    for r in records:
-        on_test = r.protocol != "tune" or r.data.get("eval_split") == "test" or "test_acc" in r.data
-        if metric == "best_acc_over_epochs" and "test" in str(r.data.get("best_acc_selects_on", "test")):
-            on_test = True
-        (bad if on_test else tune).append(r)
+
+    def on_test(r):
+        return (r.protocol != "tune" or r.data.get("eval_split") == "test" or "test_acc" in r.data
+                or (metric == "best_acc_over_epochs" and "test" in str(r.data.get("best_acc_selects_on", "test"))))
+
+    bad = [r for r in records if on_test(r)]
     if bad:
         msg = (f"{len(bad)} record(s) are not tune-protocol validation runs (selecting on them would select "
                f"on test): " + ", ".join(r.path for r in bad[:5]) + (" ..." if len(bad) > 5 else ""))
@@ -441,59 +385,46 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
         notes.append("skipped: " + msg)
 
     groups: Dict[tuple, List[Record]] = {}
-    for r in tune:
-        if not isinstance(r.data.get(metric), (int, float)):
+    for r in records:
+        if on_test(r):
+            continue
+        if not isinstance(r.data.get(metric), NUMBER):
             notes.append(f"skipped {r.path}: no {metric}")
             continue
         groups.setdefault((r.dataset, r.method, r.task, r.experiment or "", r.backbone), []).append(r)
 
     out = []
     for (ds, method, task, exp, backbone), recs in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], method_rank(kv[0][1]), kv[0][2], kv[0][3], kv[0][4])):
-        flats = [{k: v for k, v in flatten(r.config).items() if not _ignored(k)} for r in recs]
-        allk = set().union(*flats) if flats else set()
-        keys = sorted(k for k in allk if len({_fmt_value(f.get(k)) for f in flats}) > 1)
+            kv[0][0], method_rank(kv[0][1]), *kv[0][2:])):
         # lr and wd first, then the rest alphabetically
-        keys.sort(key=lambda k: ({"optim.lr": 0, "optim.weight_decay": 1}.get(k, 2), k))
+        keys = sorted(varying(recs), key=lambda k: ({"optim.lr": 0, "optim.weight_decay": 1}.get(k, 2), k))
         cands: Dict[tuple, Candidate] = {}
-        for r, f in zip(recs, flats):
-            values = tuple((k, f.get(k)) for k in keys)
-            ck = tuple(_fmt_value(v) for _, v in values)
-            c = cands.setdefault(ck, Candidate(values, [], [], []))
-            if any(str(s) == str(r.seed) for s in c.seeds):
+        for r in recs:
+            values = tuple((k, r.settings.get(k)) for k in keys)
+            c = cands.setdefault(tuple(_fmt_value(v) for _, v in values), Candidate(values, [], [], []))
+            prev = next((p for p in c.records if str(p.seed) == str(r.seed)), None)
+            if prev is not None:
                 notes.append(f"duplicate: {ds} {method} {task} seed={r.seed} {dict(values)}: kept the first "
-                             f"({c.records[[str(s) for s in c.seeds].index(str(r.seed))].path}), ignored {r.path}")
+                             f"({prev.path}), ignored {r.path}")
                 continue
             c.scores.append(float(r.data[metric]))
             c.seeds.append(r.seed)
             c.records.append(r)
         ranked = rank_candidates(list(cands.values()))
-        best = ranked[0]
         nseeds = {len(c.seeds) for c in ranked}
         if len(nseeds) > 1:
             notes.append(f"uneven: {ds} {method} {task}: candidates have {sorted(nseeds)} seeds")
-        ov = _record_overrides(best.records[0])
+        ov = _record_overrides(ranked[0].records[0])
         exact = ov is not None
         if ov is None:
             ov = ([f"experiment={exp}"] if exp else []) + [f"method={method}", f"dataset={ds}/{task}"]
-        swept = set(keys)
-        base = [o for o in ov if _override_key(o) not in swept
+        base = [o for o in ov if _override_key(o) not in keys
                 and not any(_override_key(o) == k or _override_key(o).startswith(k + ".") for k in _DROP_OVERRIDES)]
-        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, best, ranked, base, exact))
+        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, ranked[0], ranked, base, exact))
     return out
 
 
-# --------------------------------------------------------------------------- stats
-
 def _std(xs: Sequence[float]) -> Optional[float]:
     """Sample standard deviation (ddof=1); None for fewer than two values."""
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def mean_std(xs: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
-    if not xs:
-        return None, None
-    return sum(xs) / len(xs), _std(xs)
+    s = pd.Series(xs, dtype=float).std(ddof=1)
+    return None if pd.isna(s) else float(s)

@@ -4,8 +4,8 @@ One row per (method, backbone, experiment, view[, variant]) — see :mod:`.colle
 one column per task, the group means, the plain mean, the mean of group means (VTAB), and
 the trainable parameters with and without the head (millions, averaged over tasks).
 
-* A cell is the mean ± sample std over seeds; ``(n=k)`` marks a cell with fewer seeds than
-  the row's others.
+* A cell is the mean ± sample std (ddof=1) over seeds; ``(n=k)`` marks a cell with fewer
+  seeds than the row's others.
 * A mean is shown only when every task it covers is present; otherwise it reads
   ``incomplete (k/n)`` — never an average over fewer tasks.
 * The std of a mean is the std over seeds of the per-seed means, shown when every task of
@@ -15,14 +15,17 @@ the trainable parameters with and without the head (millions, averaged over task
 """
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .collect import (BACKBONE_MARKS, DEFAULT_BACKBONE, Record, RowData, _std, group_rows, method_rank)
+import pandas as pd
+from tabulate import DataRow, TableFormat
+
+from .collect import DEFAULT_BACKBONE, VIEW_ORDER, Record, RowData, _std, group_rows, method_label, method_rank
 
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 PAPER_PROTOCOL = "paper: max test acc over epochs"
@@ -56,30 +59,25 @@ def vtab_benchmark() -> Benchmark:
     """Task order, groups and class counts from ``peft_vit.data.vtab.TASKS``."""
     from ..data.vtab import TASKS
 
-    tasks = list(TASKS)
     groups: Dict[str, List[str]] = {}
-    for t in tasks:
+    for t in TASKS:
         groups.setdefault(TASKS[t].group, []).append(t)
-    mean_classes = sum(TASKS[t].num_classes for t in tasks) / len(tasks)
-    return Benchmark("vtab", "VTAB-1k", tasks, groups, f"mean{len(tasks)}", mean_classes)
+    classes = [TASKS[t].num_classes for t in TASKS]
+    return Benchmark("vtab", "VTAB-1k", list(TASKS), groups, f"mean{len(TASKS)}", sum(classes) / len(classes))
 
 
 def fgvc_benchmark() -> Benchmark:
     """Dataset order and class counts from ``peft_vit.data.fgvc.DATASETS``."""
     from ..data.fgvc import DATASETS
 
-    names = list(DATASETS)
-    mean_classes = sum(DATASETS[n].num_classes for n in names) / len(names)
-    return Benchmark("fgvc", "FGVC", names, {}, "mean", mean_classes)
+    classes = [d.num_classes for d in DATASETS.values()]
+    return Benchmark("fgvc", "FGVC", list(DATASETS), {}, "mean", sum(classes) / len(classes))
 
 
 def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
-    if dataset == "vtab":
-        return vtab_benchmark()
-    if dataset == "fgvc":
-        return fgvc_benchmark()
-    tasks = sorted({r.task for r in records if r.dataset == dataset})
-    return Benchmark(dataset, dataset, tasks, {}, "mean")
+    if dataset in ("vtab", "fgvc"):
+        return vtab_benchmark() if dataset == "vtab" else fgvc_benchmark()
+    return Benchmark(dataset, dataset, sorted({r.task for r in records if r.dataset == dataset}), {}, "mean")
 
 
 # --------------------------------------------------------------------------- table model
@@ -128,48 +126,36 @@ class Table:
 
 
 def columns_for(b: Benchmark) -> List[Column]:
-    cols = [Column(t, t, "task") for t in b.tasks]
-    cols += [Column(g, g, "group") for g in b.groups]
+    cols = [Column(t, t, "task") for t in b.tasks] + [Column(g, g, "group") for g in b.groups]
     cols.append(Column("mean", b.mean_title, "mean"))
-    if b.groups:
-        cols.append(Column("mean_of_groups", "mean of groups", "groups_mean"))
-    return cols
+    return cols + ([Column("mean_of_groups", "mean of groups", "groups_mean")] if b.groups else [])
 
 
-def _span(col: Column, b: Benchmark) -> List[str]:
-    """The tasks an aggregate column covers."""
-    if col.kind == "group":
-        return b.groups[col.key]
-    return list(b.tasks)
-
-
-def _aggregate(col: Column, b: Benchmark, per_task: Dict[str, Dict[str, float]]) -> Cell:
-    """per_task: task -> {seed: value}. The mean of the task means (mean of group means for
-    groups_mean), only when complete; std over seeds of per-seed aggregates when every task
-    has the same seeds (>= 2)."""
-    span = _span(col, b)
-    have = [t for t in span if t in per_task]
+def _aggregate(col: Column, b: Benchmark, w: pd.DataFrame) -> Cell:
+    """A mean column from ``w`` (seeds × tasks): the mean over its tasks of the task means (for
+    ``groups_mean`` the mean of the group means), only when every task is present; its std is
+    over the per-seed means, when every task has the same >= 2 seeds."""
+    span = b.groups[col.key] if col.kind == "group" else b.tasks
+    have = [t for t in span if t in w.columns]
     if len(have) < len(span):
         return Cell(incomplete=(len(have), len(span)), n=len(have))
+    group_of = {t: g for g, ts in b.groups.items() for t in ts}
 
-    def agg(values: Dict[str, float]) -> float:
-        if col.kind == "groups_mean":
-            gm = [sum(values[t] for t in ts) / len(ts) for ts in b.groups.values()]
-            return sum(gm) / len(gm)
-        return sum(values[t] for t in span) / len(span)
+    def agg(x: pd.DataFrame) -> pd.Series:  # one value per row of x
+        return x[span].T.groupby(group_of).mean().mean() if col.kind == "groups_mean" else x[span].mean(axis=1)
 
-    means = {t: sum(per_task[t].values()) / len(per_task[t]) for t in span}
-    cell = Cell(mean=agg(means), n=len(span))
-    seedsets = {tuple(sorted(per_task[t])) for t in span}
-    if len(seedsets) == 1:
-        seeds = next(iter(seedsets))
-        if len(seeds) >= 2:
-            cell.std = _std([agg({t: per_task[t][s] for t in span}) for s in seeds])
-    return cell
+    per_seed = w[span].dropna(how="all")
+    same_seeds = len(per_seed) >= 2 and per_seed.notna().all().all()
+    return Cell(float(agg(w.mean().to_frame().T).iloc[0]), _std(agg(per_seed)) if same_seeds else None, len(span))
 
 
-def _seed_str(s: Any) -> str:
-    return str(s)
+def _cells(w: pd.DataFrame, b: Benchmark, cols: List[Column]) -> Dict[str, Cell]:
+    """Every column's cell from ``w`` (seeds × tasks, NaN where a seed did not run a task)."""
+    w = w[[t for t in b.tasks if t in w.columns]]
+    n = w.count()
+    cells = {t: Cell(float(w[t].mean()), _std(w[t].dropna()), int(n[t]), few_seeds=bool(n[t] < n.max()))
+             for t in w.columns}
+    return cells | {c.key: _aggregate(c, b, w) for c in cols if c.kind != "task"}
 
 
 def _seed_sort(s: str):
@@ -177,35 +163,21 @@ def _seed_sort(s: str):
 
 
 def our_row(row: RowData, b: Benchmark, cols: List[Column]) -> Row:
-    per_task: Dict[str, Dict[str, float]] = {}
-    params: Dict[str, List[Tuple[float, float]]] = {}
-    for e in row.entries:
-        per_task.setdefault(e.task, {})[_seed_str(e.seed)] = e.value
-        d = e.record.data
-        if isinstance(d.get("trainable_params"), (int, float)):
-            params.setdefault(e.task, []).append((float(d["trainable_params"]),
-                                                  float(d.get("trainable_params_no_head", math.nan))))
-    per_task_known = {t: v for t, v in per_task.items() if t in b.tasks}
-    seeds = sorted({s for v in per_task_known.values() for s in v}, key=_seed_sort)
-    maxn = max((len(v) for v in per_task_known.values()), default=0)
+    e = pd.DataFrame([dict(task=x.task, seed=str(x.seed), value=x.value,
+                           head=x.record.data.get("trainable_params", math.nan),
+                           no_head=x.record.data.get("trainable_params_no_head", math.nan)) for x in row.entries])
+    e = e[e.task.isin(b.tasks)]
+    w = e.pivot(index="seed", columns="task", values="value")
+    seeds = sorted(w.index, key=_seed_sort)
     out = Row("ours", row.method, row.method_label, row.backbone, row.view.label, row.experiment or "",
-              variant=", ".join(f"{k}={v}" for k, v in row.variant), seeds=",".join(seeds))
-    for c in cols:
-        if c.kind == "task":
-            vals = per_task_known.get(c.key)
-            if vals:
-                xs = [vals[s] for s in sorted(vals, key=_seed_sort)]
-                out.cells[c.key] = Cell(sum(xs) / len(xs), _std(xs), len(xs), few_seeds=len(xs) < maxn)
-        else:
-            out.cells[c.key] = _aggregate(c, b, per_task_known)
-    ptasks = [t for t in b.tasks if t in params]
-    if ptasks:
-        head = [sum(p for p, _ in params[t]) / len(params[t]) for t in ptasks]
-        nohead = [sum(p for _, p in params[t]) / len(params[t]) for t in ptasks]
-        out.params_head = sum(head) / len(head) / 1e6
-        nh = sum(nohead) / len(nohead) / 1e6
-        out.params_no_head = None if math.isnan(nh) else nh
-        out.params_partial = len(ptasks) < len(b.tasks)
+              variant=", ".join(f"{k}={v}" for k, v in row.variant), seeds=",".join(seeds),
+              cells=_cells(w.loc[seeds], b, cols))
+    p = e[e["head"].notna()]
+    if len(p):  # per task the mean over seeds, then the mean over the tasks present
+        m = p.groupby("task")[["head", "no_head"]].mean() / 1e6
+        out.params_head = float(m["head"].mean())
+        out.params_no_head = None if p["no_head"].isna().any() else float(m["no_head"].mean())
+        out.params_partial = len(m) < len(b.tasks)
     return out
 
 
@@ -221,24 +193,15 @@ def paper_rows(b: Benchmark, cols: List[Column], paper: Optional[Dict[str, Any]]
     paper = paper if paper is not None else load_paper()
     out = []
     for p in paper.get(b.name) or []:
-        per_task = {t: {"paper": float(v)} for t, v in p["acc"].items() if t in b.tasks}
-        mark = BACKBONE_MARKS.get(p["backbone"])
-        label = p["method"] + (mark if mark is not None else f" [{p['backbone']}]")
-        r = Row("paper", p["method"], label, p["backbone"], paper.get("protocol", PAPER_PROTOCOL),
-                p.get("cite") or p.get("source", ""), seeds="", decimals=1)
-        for c in cols:
-            if c.kind == "task":
-                if c.key in per_task:
-                    r.cells[c.key] = Cell(per_task[c.key]["paper"], None, 1)
-            else:
-                r.cells[c.key] = _aggregate(c, b, per_task)
+        w = pd.DataFrame([{t: float(v) for t, v in p["acc"].items() if t in b.tasks}])
+        r = Row("paper", p["method"], method_label(p["method"], p["backbone"]), p["backbone"],
+                paper.get("protocol", PAPER_PROTOCOL), p.get("cite") or p.get("source", ""), decimals=1,
+                cells=_cells(w, b, cols), params_printed=True)
         inc = p.get("params_include_head")
-        r.params_printed = True
         if inc is False:
             r.params_no_head = float(p["params_m"])
         else:
-            r.params_head = float(p["params_m"])
-            r.params_head_known = inc is True
+            r.params_head, r.params_head_known = float(p["params_m"]), inc is True
         out.append(r)
     return out
 
@@ -272,66 +235,50 @@ LEGEND = [
 ]
 
 
-def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequence[str] = ("last", "max", "val"),
+def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequence[str] = VIEW_ORDER,
                 paper: bool = False, notes: Optional[List[str]] = None,
                 paper_data: Optional[Dict[str, Any]] = None) -> Table:
     """The table of one benchmark from run records."""
     b = benchmark_for(dataset, records)
     cols = columns_for(b)
     notes = list(notes or [])
-    rows_data = group_rows([r for r in records if r.dataset == dataset], views, notes)
     ours = []
-    for rd in rows_data:
+    for rd in group_rows([r for r in records if r.dataset == dataset], views, notes):
         unknown = sorted({e.task for e in rd.entries} - set(b.tasks))
         if unknown:
             notes.append(f"ignored tasks not in {b.title}: {', '.join(unknown)} ({rd.method_label}, {rd.view.label})")
         ours.append(our_row(rd, b, cols))
     for r in ours:
-        inc = [c.title for c in cols if c.kind != "task" and r.cells.get(c.key) and r.cells[c.key].incomplete]
-        if inc:
-            missing = [t for t in b.tasks if t not in r.cells]
-            notes.append(f"incomplete: {r.method_label} {r.protocol} {r.experiment or ''}".rstrip()
-                         + f": missing {', '.join(missing)}")
+        if any(r.cells[c.key].incomplete for c in cols if c.kind != "task"):
+            notes.append(f"incomplete: {r.method_label} {r.protocol} {r.experiment}".rstrip()
+                         + f": missing {', '.join(t for t in b.tasks if t not in r.cells)}")
     if not paper:
         return Table(b, cols, ours, notes)
 
-    prow = paper_rows(b, cols, paper_data)
     by_method: Dict[tuple, Row] = {}
-    for p in prow:
+    for p in paper_rows(b, cols, paper_data):
         by_method.setdefault((p.method, p.backbone), p)
-    keys = sorted({(r.method, r.backbone) for r in ours} | set(by_method),
-                  key=lambda k: (method_rank(k[0]), k[1] != DEFAULT_BACKBONE, k[1]))
     rows: List[Row] = []
-    for k in keys:
+    for k in sorted({(r.method, r.backbone) for r in ours} | set(by_method),
+                    key=lambda k: (method_rank(k[0]), k[1] != DEFAULT_BACKBONE, k[1])):
         p = by_method.get(k)
-        if p is not None:
-            rows.append(p)
+        rows += [p] if p is not None else []
         for r in (r for r in ours if (r.method, r.backbone) == k):
-            rows.append(r)
-            if p is not None and not r.protocol.startswith("tune"):
-                rows.append(diff_row(r, p, cols))
+            rows += [r, diff_row(r, p, cols)] if p is not None and not r.protocol.startswith("tune") else [r]
     return Table(b, cols, rows, notes)
 
 
 # --------------------------------------------------------------------------- render
 
-def _num(x: float, decimals: int, signed: bool = False) -> str:
-    s = f"{x:+.{decimals}f}" if signed else f"{x:.{decimals}f}"
-    return "0.00" if signed and s in ("+0.00", "-0.00") else s
-
-
 def _cell_text(cell: Optional[Cell], row: Row, col: Column, fmt: str) -> str:
-    if cell is None:
+    if cell is None or (cell.mean is None and not cell.incomplete):
         return ""
     if cell.incomplete:
-        k, n = cell.incomplete
-        return f"incomplete ({k}/{n})"
-    if cell.mean is None:
-        return ""
-    dec = row.decimals if col.kind == "task" else 2
-    s = _num(cell.mean, dec, signed=row.kind == "diff")
+        return "incomplete ({}/{})".format(*cell.incomplete)
+    s = f"{cell.mean:{'+' if row.kind == 'diff' else ''}.{row.decimals if col.kind == 'task' else 2}f}"
+    s = "0.00" if row.kind == "diff" and s in ("+0.00", "-0.00") else s
     if cell.std is not None:
-        s += (rf"{{\scriptsize$\pm${cell.std:.2f}}}" if fmt == "tex" else f" ± {cell.std:.2f}")
+        s += rf"{{\scriptsize$\pm${cell.std:.2f}}}" if fmt == "tex" else f" ± {cell.std:.2f}"
     if cell.few_seeds:
         s += rf" {{\scriptsize(n={cell.n})}}" if fmt == "tex" else f" (n={cell.n})"
     return s
@@ -342,67 +289,66 @@ def _params_text(row: Row, head: bool) -> str:
     if v is None:
         return ""
     if row.params_printed:
-        s = f"{v:.2f}"
-        if head and not row.params_head_known:
-            s += "?"
-        return s
-    s = f"{v:.3f}"
-    return s + ("†" if row.params_partial else "")
+        return f"{v:.2f}" + ("?" if head and not row.params_head_known else "")
+    return f"{v:.3f}" + ("†" if row.params_partial else "")
 
 
 HEADER = ["method", "protocol", "experiment"]
+PARAMS_HEADER = ["params M (+head)", "params M (no head)"]
 
 
-def _row_texts(t: Table, row: Row, fmt: str) -> List[str]:
-    cells = [_cell_text(row.cells.get(c.key), row, c, fmt) for c in t.columns]
-    return ([row.method_label, row.protocol, row.experiment] + cells
-            + [_params_text(row, True), _params_text(row, False), row.seeds])
+def _row_texts(t: Table, row: Row, fmt: str) -> Tuple[List[str], List[str], List[str]]:
+    """(leading texts, cells, trailing texts) of a row; cells are already in ``fmt``."""
+    return ([row.method_label, row.protocol, row.experiment],
+            [_cell_text(row.cells.get(c.key), row, c, fmt) for c in t.columns],
+            [_params_text(row, True), _params_text(row, False), row.seeds])
 
 
 def _title(t: Table) -> str:
     return f"{t.benchmark.title} — ViT-B/16, top-1 accuracy (%)"
 
 
+def _pipe_rule(widths: List[int], aligns) -> str:
+    """The Markdown header rule: text columns left-aligned, numbers right-aligned."""
+    return "|" + "|".join([":--"] * len(HEADER) + ["--:"] * (len(widths) - len(HEADER))) + "|"
+
+
+# tabulate's "pipe" format without padding the columns to a common width
+PIPE = TableFormat(None, _pipe_rule, None, None, DataRow("|", "|", "|"), DataRow("|", "|", "|"), 1, None)
+
+
 def to_markdown(t: Table) -> str:
-    head = HEADER + [c.title for c in t.columns] + ["params M (+head)", "params M (no head)", "seeds"]
-    lines = [f"## {_title(t)}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join([":--"] * len(HEADER) + ["--:"] * (len(head) - len(HEADER))) + "|"]
-    for row in t.rows:
-        texts = [x.replace("|", "\\|").replace("*", "\\*") for x in _row_texts(t, row, "md")]
-        if row.kind == "paper":
-            texts[0] = f"*{texts[0]}*"
-        lines.append("| " + " | ".join(texts) + " |")
-    lines += ["", *[f"- {x}" for x in LEGEND]]
-    if t.notes:
-        lines += ["", "Notes:", *[f"- {x}" for x in t.notes]]
-    return "\n".join(lines) + "\n"
+    def texts(row: Row) -> List[str]:
+        lead, cells, tail = _row_texts(t, row, "md")
+        out = [x.replace("|", "\\|").replace("*", "\\*") for x in lead + cells + tail]
+        return [f"*{out[0]}*" if row.kind == "paper" else out[0]] + out[1:]
+
+    head = HEADER + [c.title for c in t.columns] + PARAMS_HEADER + ["seeds"]
+    md = pd.DataFrame([texts(r) for r in t.rows], columns=head).to_markdown(
+        index=False, tablefmt=PIPE, stralign=None, numalign=None, disable_numparse=True)
+    notes = ["", "Notes:", *[f"- {x}" for x in t.notes]] if t.notes else []
+    return "\n".join([f"## {_title(t)}", "", md, "", *[f"- {x}" for x in LEGEND], *notes]) + "\n"
 
 
 def to_csv(t: Table) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    def f(x, dec=4):
+        return "" if x is None else f"{x:.{dec}f}"
+
     head = ["kind", "method", "backbone", "variant", "protocol", "experiment", "seeds"]
     for c in t.columns:
         head += [c.key, f"{c.key}_std", f"{c.key}_n" if c.kind == "task" else f"{c.key}_n_tasks"]
     head += ["params_m_with_head", "params_m_no_head", "params_partial", "complete"]
-    w.writerow(head)
-
-    def f(x, dec=4):
-        return "" if x is None else f"{x:.{dec}f}"
-
+    rows = []
     for row in t.rows:
         out = [row.kind, row.method, row.backbone, row.variant, row.protocol, row.experiment, row.seeds]
         for c in t.columns:
             cell = row.cells.get(c.key)
-            if cell is None or cell.mean is None:
-                out += ["", "", str(cell.n) if cell is not None else ("0" if c.kind == "task" else "")]
-            else:
-                out += [f(cell.mean), f(cell.std), str(cell.n)]
+            n = str(cell.n) if cell is not None else ("0" if c.kind == "task" else "")
+            out += [f(cell.mean), f(cell.std), n] if cell is not None and cell.mean is not None else ["", "", n]
         complete = all(row.cells.get(c.key) is not None and row.cells[c.key].mean is not None for c in t.columns)
-        out += [f(row.params_head, 6), f(row.params_no_head, 6), str(row.params_partial).lower(),
-                str(complete).lower()]
-        w.writerow(out)
-    return buf.getvalue()
+        out += [f(row.params_head, 6), f(row.params_no_head, 6), str(row.params_partial).lower(), str(complete).lower()]
+        rows.append(out)
+    return pd.DataFrame(rows, columns=head).to_csv(index=False, lineterminator="\n")
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -416,40 +362,41 @@ def tex_escape(s: str) -> str:
 
 
 def to_latex(t: Table) -> str:
-    ncols = len(HEADER) + len(t.columns) + 3
-    head = [tex_escape(h) for h in HEADER] + [rf"\rotatebox{{90}}{{{tex_escape(c.title)}}}" for c in t.columns] \
-        + [r"\rotatebox{90}{params M (+head)}", r"\rotatebox{90}{params M (no head)}", "seeds"]
-    lines = [f"% {_title(t)}", "% generated by scripts/make_table.py; needs \\usepackage{booktabs,graphicx}",
-             r"\begin{tabular}{" + "l" * len(HEADER) + "r" * (ncols - len(HEADER)) + "}", r"\toprule",
-             " & ".join(head) + r" \\", r"\midrule"]
-    prev = None
+    rows, prev = [], None
     for row in t.rows:
-        key = (row.method, row.backbone)
-        if prev is not None and key != prev:
-            lines.append(r"\midrule")
-        prev = key
-        texts = _row_texts(t, row, "tex")
-        cells = [tex_escape(x) for x in texts[:len(HEADER)]]
-        cells += texts[len(HEADER):len(HEADER) + len(t.columns)]  # already TeX (numbers, \pm)
-        cells += [tex_escape(x) for x in texts[len(HEADER) + len(t.columns):]]
-        if row.kind == "paper":
-            cells[0] = rf"\textit{{{cells[0]}}}"
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {tex_escape(x)}" for x in LEGEND + t.notes]
-    return "\n".join(lines) + "\n"
+        lead, cells, tail = _row_texts(t, row, "tex")
+        lead, tail = [tex_escape(x) for x in lead], [tex_escape(x) for x in tail]
+        lead[0] = rf"\textit{{{lead[0]}}}" if row.kind == "paper" else lead[0]
+        if prev not in (None, (row.method, row.backbone)):  # a rule between method groups
+            lead[0] = "\\midrule\n" + lead[0]
+        prev = (row.method, row.backbone)
+        rows.append(lead + cells + tail)
+    head = [tex_escape(h) for h in HEADER] + [rf"\rotatebox{{90}}{{{tex_escape(h)}}}"
+                                              for h in [c.title for c in t.columns] + PARAMS_HEADER] + ["seeds"]
+    body = pd.DataFrame(rows, columns=head).to_latex(
+        index=False, escape=False, column_format="l" * len(HEADER) + "r" * (len(head) - len(HEADER)))
+    return "\n".join([f"% {_title(t)}", "% generated by scripts/make_table.py; needs \\usepackage{booktabs,graphicx}",
+                      body.rstrip("\n"), *[f"% {tex_escape(x)}" for x in LEGEND + t.notes]]) + "\n"
 
 
 RENDERERS = {"md": (to_markdown, "md"), "csv": (to_csv, "csv"), "tex": (to_latex, "tex")}
 
 
-def write_table(t: Table, out_dir: Path, formats: Sequence[str] = ("md", "csv", "tex"), stem: Optional[str] = None) -> List[Path]:
+def safe_stems(names: Iterable[str]) -> Dict[str, str]:
+    """Dataset name -> a file-name stem: anything but letters, digits, '.', '_' and '-' becomes
+    '_' (``vtab/caltech101`` -> ``vtab_caltech101``); names that would share a stem get a hash."""
+    stems = {n: re.sub(r"[^A-Za-z0-9._-]+", "_", n).strip("._") or "dataset" for n in names}
+    return {n: s if list(stems.values()).count(s) == 1 else f"{s}_{hashlib.sha1(n.encode()).hexdigest()[:8]}"
+            for n, s in stems.items()}
+
+
+def write_table(t: Table, out_dir: Path, formats: Sequence[str] = ("md", "csv", "tex"),
+                stem: Optional[str] = None) -> List[Path]:
+    """Writes <out_dir>/<stem>.<ext>; the stem defaults to the benchmark's name made safe."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for f in formats:
-        fn, ext = RENDERERS[f]
-        p = out_dir / f"{stem or t.benchmark.name}.{ext}"
-        p.write_text(fn(t))
-        paths.append(p)
+    stem = stem or safe_stems([t.benchmark.name])[t.benchmark.name]
+    paths = [out_dir / f"{stem}.{RENDERERS[f][1]}" for f in formats]
+    for f, p in zip(formats, paths):
+        p.write_text(RENDERERS[f][0](t))
     return paths
