@@ -9,6 +9,13 @@ accuracy (`final/last-epoch`) and its max over epochs (`final/max-over-epochs (s
 test)`, the papers' protocol); tune runs give `tune/val`. `--paper` adds the published rows
 (peft_vit/report/paper_results.yaml) and the difference ours − paper. Duplicate runs, rows
 split by differing configs and incomplete rows are listed under the table and on stderr.
+
+Every record is validated (method, dataset, task: non-empty strings; protocol: tune or final;
+seed: an integer; the protocol's accuracy, test_acc or val_acc, a number; optional keys such as
+config, experiment, best_acc_over_epochs and trainable_params of the right type). A malformed or
+unreadable results.json is skipped with a warning that names its path and what is wrong, and is
+listed under the tables; `--strict` refuses instead (exit 2, nothing written). Output file names
+are the dataset names made safe: a dataset `vtab/caltech101` is written to vtab_caltech101.*.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft_vit.report.collect import VIEWS, load_records  # noqa: E402
-from peft_vit.report.tables import RENDERERS, build_table, write_table  # noqa: E402
+from peft_vit.report.tables import RENDERERS, build_table, safe_stems, to_markdown, write_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,6 +40,8 @@ def main(argv=None) -> int:
                          "selects on test), val (tune, last epoch); default all")
     ap.add_argument("--datasets", default=None, help="comma list (default: every dataset found)")
     ap.add_argument("--print", dest="show", action="store_true", help="also print the Markdown tables")
+    ap.add_argument("--strict", action="store_true",
+                    help="refuse (exit 2) when a results.json is malformed or unreadable, instead of skipping it")
     a = ap.parse_args(argv)
 
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
@@ -42,23 +51,26 @@ def main(argv=None) -> int:
         ap.error(f"unknown format or view: {bad or views}")
     col = load_records(a.dirs)
     for msg in col.issues:
-        print(f"warning: {msg}", file=sys.stderr)
+        print(f"{'error' if a.strict else 'warning'}: {msg}{'' if a.strict else ' (skipped)'}", file=sys.stderr)
+    if col.issues and a.strict:
+        print(f"refusing: {len(col.issues)} malformed record(s) (--strict); fix or remove them, or drop --strict "
+              "to skip them", file=sys.stderr)
+        return 2
     if not col.records:
-        print(f"no {'results.json'} under {' '.join(a.dirs)}", file=sys.stderr)
+        print(f"no valid results.json under {' '.join(a.dirs)}", file=sys.stderr)
         return 1
     datasets = a.datasets.split(",") if a.datasets else sorted({r.dataset for r in col.records})
+    stems = safe_stems(datasets)
     for ds in datasets:
-        table = build_table(col.records, ds, views, paper=a.paper, notes=col.issues)
+        table = build_table(col.records, ds, views, paper=a.paper, notes=[f"{m} (skipped)" for m in col.issues])
         if not any(r.kind == "ours" for r in table.rows):
             print(f"{ds}: no records for the views {','.join(views)}", file=sys.stderr)
             continue
-        for p in write_table(table, Path(a.out), formats):
+        for p in write_table(table, Path(a.out), formats, stem=stems[ds]):
             print(p)
         for n in table.notes:
             print(f"note [{ds}]: {n}", file=sys.stderr)
         if a.show:
-            from peft_vit.report.tables import to_markdown
-
             print(to_markdown(table))
     return 0
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft_vit.report.collect import load_records  # noqa: E402
 from peft_vit.report.plots import householder_groups, plot_accuracy_vs_params, plot_householder_ranks  # noqa: E402
-from peft_vit.report.tables import build_table  # noqa: E402
+from peft_vit.report.tables import build_table, safe_stems  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,16 +34,20 @@ def main(argv=None) -> int:
     col = load_records(a.dirs)
     out = Path(a.out)
     views = [v for v in a.views.split(",") if v]
-    for ds in sorted({r.dataset for r in col.records}):
+    for msg in col.issues:
+        print(f"warning: {msg} (skipped)", file=sys.stderr)
+    stems = safe_stems(sorted({r.dataset for r in col.records}))
+    for ds, stem in stems.items():
         table = build_table(col.records, ds, views, paper=a.paper)
-        data = plot_accuracy_vs_params(table, out / f"{ds}_acc_vs_params")
-        print(out / f"{ds}_acc_vs_params.png", f"({len(data['points'])} points)")
+        data = plot_accuracy_vs_params(table, out / f"{stem}_acc_vs_params")
+        print(out / f"{stem}_acc_vs_params.png", f"({len(data['points'])} points)")
         for s in data["skipped"]:
             print(f"note [{ds}]: not plotted: {s}", file=sys.stderr)
     proto = None if a.rank_protocol == "all" else a.rank_protocol
-    for name, recs in householder_groups(col.records, proto).items():
-        data = plot_householder_ranks(recs, out / f"householder_rank_{name}", title=name)
-        print(out / f"householder_rank_{name}.png", f"({len(data['tasks'])} tasks, {data['n_records']} runs)")
+    groups = householder_groups(col.records, proto)
+    for name, stem in safe_stems(groups).items():
+        data = plot_householder_ranks(groups[name], out / f"householder_rank_{stem}", title=name)
+        print(out / f"householder_rank_{stem}.png", f"({len(data['tasks'])} tasks, {data['n_records']} runs)")
     return 0
 
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     col = load_records(a.dirs)
     for msg in col.issues:
-        print(f"warning: {msg}", file=sys.stderr)
+        print(f"warning: {msg} (skipped)", file=sys.stderr)
     notes = []
     try:
         sels = select_best(col.records, a.metric, ignore_final=a.ignore_final, notes=notes)

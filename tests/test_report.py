@@ -319,3 +319,76 @@ def test_householder_entries_read_the_method_report():
     diag = json.loads(json.dumps(model.peft_method.report(model, None)))
     rows = householder_entries(diag)
     assert rows and {m for _, m, _ in rows} == {"q", "k", "v", "o"} and {layer for layer, _, _ in rows} == {0, 1}
+
+
+# --------------------------------------------------------------------------- input checks
+
+def test_dataset_with_a_slash_gets_a_safe_output_name(tmp_path, capsys):
+    """A record whose dataset is 'vtab/caltech101' renders into vtab_caltech101.* inside --out."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in (0, 1):
+        write(runs, f"s{seed}", record("lora", "caltech101", seed, 80.0 + seed, dataset="vtab/caltech101", classes=102))
+    assert script("make_table").main([str(runs), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["vtab_caltech101.csv", "vtab_caltech101.md",
+                                                     "vtab_caltech101.tex"]
+    md = (out / "vtab_caltech101.md").read_text()
+    assert md.startswith("## vtab/caltech101 — ") and "| lora | final/last-epoch |  | 80.50 ± 0.71 |" in md
+    assert script("plot_results").main([str(runs), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "vtab_caltech101_acc_vs_params.json").is_file()
+
+
+def test_safe_stems_stay_inside_and_distinct():
+    from peft_vit.report.tables import safe_stems
+
+    stems = safe_stems(["vtab", "vtab/caltech101", "vtab_caltech101", "../../etc", "a b"])
+    assert stems["vtab"] == "vtab" and stems["../../etc"] == "etc" and stems["a b"] == "a_b"
+    assert stems["vtab/caltech101"] != stems["vtab_caltech101"]
+    assert all(s.startswith("vtab_caltech101_") for k, s in stems.items() if "caltech" in k)
+    assert len(set(stems.values())) == len(stems) and not any("/" in s or s.startswith(".") for s in stems.values())
+
+
+MALFORMED = {  # dir -> (record or raw text, what the message must say)
+    "no_task": (lambda r: r.pop("task"), "missing 'task'"),
+    "seed_str": (lambda r: r.update(seed="0"), "'seed' is str, expected int"),
+    "acc_str": (lambda r: r.update(test_acc="61"), "'test_acc' is str, expected int or float"),
+    "no_acc": (lambda r: r.pop("test_acc"), "missing 'test_acc'"),
+    "protocol": (lambda r: r.update(protocol="eval"), "'protocol' is 'eval', expected tune or final"),
+    "dataset_empty": (lambda r: r.update(dataset=""), "'dataset' is empty"),
+    "config_list": (lambda r: r.update(config=[1]), "'config' is list, expected dict"),
+}
+
+
+@pytest.fixture
+def malformed(tmp_path):
+    root = tmp_path / "runs"
+    write(root, "good", record("lora", "cifar", 0, 60.0))
+    for name, (edit, _) in MALFORMED.items():
+        r = record("lora", "cifar", 0, 60.0)
+        edit(r)
+        write(root, name, r)
+    write(root, "a_list", [1, 2])
+    (root / "truncated").mkdir()
+    (root / "truncated" / "results.json").write_text('{"method": "lora", ')
+    return root
+
+
+def test_malformed_records_are_named_and_skipped(malformed):
+    col = load_records([malformed])
+    assert [r.path for r in col.records] == ["good/results.json"]
+    assert len(col.issues) == len(MALFORMED) + 2
+    for name, (_, why) in MALFORMED.items():
+        assert any(i.startswith(f"malformed {name}/results.json: ") and why in i for i in col.issues), (name, col.issues)
+    assert "malformed a_list/results.json: not a JSON object" in col.issues
+    assert any(i.startswith("unreadable truncated/results.json: ") for i in col.issues)
+
+
+def test_make_table_skips_malformed_or_refuses_with_strict(malformed, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert script("make_table").main([str(malformed), "--out", str(out), "--format", "md"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: malformed seed_str/results.json: 'seed' is str, expected int (skipped)" in err
+    md = (out / "vtab.md").read_text()
+    assert "| lora | final/last-epoch |  | 60.00 |" in md and "- malformed no_task/results.json: missing 'task'" in md
+    strict = tmp_path / "strict"
+    assert script("make_table").main([str(malformed), "--out", str(strict), "--strict"]) == 2
+    assert "refusing: 9 malformed record(s)" in capsys.readouterr().err and not strict.exists()
