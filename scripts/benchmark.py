@@ -18,6 +18,16 @@ its own process so that memory figures do not leak between methods:
 
 The table gives each method's ratio to ``full`` and to ``linear``. Targets (issue 3): householder,
 lora, kadaptation ≤ 0.8× full; rlrr ≤ 1.0× full.
+
+``--ops`` counts instead of timing: the top-level ``aten::`` ops (those not called by another
+aten op) of ONE training step, counted with ``torch.profiler`` on CPU: forward, backward and an
+AdamW step with ``foreach=True`` (it stands in for the fused AdamW used on CUDA), on a 12-block
+tiny ViT, after one uncounted step (so the optimizer state exists). Each op is at least one
+kernel launch on a GPU, so this count is what makes a step launch-bound; it is deterministic and
+takes seconds. Budgets (held by tests/test_op_budget.py): householder, lora, kadaptation and
+adapter ≤ full's count; rlrr ≤ 1.5× full's::
+
+    python scripts/benchmark.py --ops
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ if str(REPO) not in sys.path:
 
 ORDER = ["linear", "full", "householder", "lora", "adapter", "rlrr", "kadaptation"]
 TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
+OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5}  # × full's ops
 MODELS = {
     "vit_b16": dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
                     drop_path_rate=0.0, img_size=224, overrides={}),
@@ -46,6 +57,58 @@ MODELS = {
     "tiny": dict(name="vit_tiny_patch16_224", pretrained=False, checkpoint=None, num_classes=10, drop_path_rate=0.0,
                  img_size=32, overrides=dict(patch_size=4, depth=2, embed_dim=64, num_heads=4)),
 }
+# --ops: the tiny ViT with ViT-B's 12 blocks (the count grows with depth, not width)
+OPS_MODEL = dict(MODELS["tiny"], overrides=dict(MODELS["tiny"]["overrides"], depth=12))
+
+
+def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = None, batch: int = 2) -> int:
+    """Top-level ``aten::`` ops of one training step of ``method`` on :data:`OPS_MODEL` (CPU, fp32):
+    forward + cross-entropy + backward + AdamW(foreach=True) step + zero_grad, counted with
+    torch.profiler after one uncounted step. An op counts when no other aten op encloses it."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    import peft_vit
+
+    torch.manual_seed(0)
+    mcfg = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "method" / f"{method}.yaml"), method_overrides or {})
+    model = peft_vit.build_model(OmegaConf.create({"model": OPS_MODEL, "method": mcfg})).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    x = torch.randn(batch, 3, OPS_MODEL["img_size"], OPS_MODEL["img_size"])
+    y = torch.randint(0, OPS_MODEL["num_classes"], (batch,))
+
+    def step():
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+
+    def top_level(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return False
+            p = p.cpu_parent
+        return True
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and top_level(e))
+
+
+def ops_table(counts: Dict[str, int]) -> str:
+    full = counts.get("full")
+    lines = [f"{'method':<12} {'ops/step':>9} {'×full':>6}  budget"]
+    for m, n in counts.items():
+        ratio = n / full if full else float("nan")
+        b = OP_BUDGETS.get(m)
+        mark = "" if b is None or not full else f"≤{b}× full: {'ok' if n <= b * full else 'MISSED'}"
+        lines.append(f"{m:<12} {n:>9,} {ratio:>6.2f}  {mark}")
+    lines.append("top-level aten:: ops of one training step (forward, backward, AdamW foreach step), CPU fp32, "
+                 "12-block tiny ViT (D=64, 32 px, patch 4), batch 2")
+    return "\n".join(lines)
 
 
 def _rss_mb() -> float:
@@ -170,6 +233,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--exact-rss", action="store_true", help="CPU: peak RSS that follows live tensors (see above)")
+    ap.add_argument("--ops", action="store_true", help="count top-level aten ops of one step instead (see above)")
     ap.add_argument("--out", help="write the results as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -185,6 +249,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    if args.ops:
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
+        counts = {m: count_step_ops(m) for m in methods}
+        print(ops_table(counts))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"ops_per_step": counts, "table": ops_table(counts)}, indent=2) + "\n")
+        return [{"method": m, "ops_per_step": n} for m, n in counts.items()]
     results = []
     for m in methods:
         r = _run_child(m, args)
