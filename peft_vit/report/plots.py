@@ -209,36 +209,24 @@ def householder_groups(records: Sequence[Record], protocol: Optional[str] = "fin
 
 def householder_rank_data(records: Sequence[Record]) -> Dict[str, Any]:
     """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
-    per_task: Dict[str, Dict[Tuple[int, str], List[float]]] = {}
-    full: Dict[Tuple[int, str], float] = {}
-    for r in records:
-        diag = r.data.get("householder")
-        for layer, mat, rank in householder_entries(diag):
-            per_task.setdefault(r.task, {}).setdefault((layer, mat), []).append(rank)
-        for row in (diag.get("per_matrix") or diag.get("layers") or []) if isinstance(diag, dict) else []:
-            if isinstance(row, dict) and "full_rank" in row:
-                full[(int(row["layer"]), str(row.get("matrix")))] = float(row["full_rank"])
-    tasks = sorted(per_task)
-    keys = sorted({k for t in tasks for k in per_task[t]})
-    layers = sorted({k[0] for k in keys})
-    mats = sorted({k[1] for k in keys}, key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
-    grid: List[List[Optional[float]]] = []
-    counts: List[List[int]] = []
-    for layer in layers:
-        row, crow = [], []
-        for m in mats:
-            vals = [sum(per_task[t][(layer, m)]) / len(per_task[t][(layer, m)]) for t in tasks if (layer, m) in per_task[t]]
-            row.append(round(sum(vals) / len(vals), 6) if vals else None)
-            crow.append(len(vals))
-        grid.append(row)
-        counts.append(crow)
-    thresholds = sorted({float(r.data["householder"]["rank_threshold"]) for r in records
-                         if isinstance(r.data.get("householder"), dict)
-                         and isinstance(r.data["householder"].get("rank_threshold"), (int, float))})
-    return {"tasks": tasks, "n_records": len(records), "layers": layers, "matrices": mats,
-            "rank_threshold": thresholds,
-            "mean_effective_rank": grid, "n_tasks": counts,
-            "full_rank": sorted(set(full.values())) if full else None,
+    import pandas as pd
+
+    df = pd.DataFrame([(r.task, layer, mat, rank) for r in records
+                       for layer, mat, rank in householder_entries(r.data.get("householder"))],
+                      columns=["task", "layer", "matrix", "rank"])
+    per_task = df.groupby(["task", "layer", "matrix"])["rank"].mean()
+    grid = per_task.groupby(["layer", "matrix"]).agg(["mean", "count"]).unstack()
+    mats = sorted(df["matrix"].unique(), key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
+    mean = grid["mean"].reindex(columns=mats) if len(df) else pd.DataFrame()
+    count = grid["count"].reindex(columns=mats).fillna(0).astype(int) if len(df) else pd.DataFrame()
+    diags = [r.data["householder"] for r in records if isinstance(r.data.get("householder"), dict)]
+    full = {float(row["full_rank"]) for d in diags for row in d.get("per_matrix") or d.get("layers") or []
+            if isinstance(row, dict) and "full_rank" in row}
+    thresholds = sorted({float(d["rank_threshold"]) for d in diags if isinstance(d.get("rank_threshold"), (int, float))})
+    return {"tasks": sorted(df["task"].unique()), "n_records": len(records), "layers": mean.index.tolist(),
+            "matrices": mats, "rank_threshold": thresholds,
+            "mean_effective_rank": [[None if pd.isna(v) else round(v, 6) for v in row] for row in mean.values.tolist()],
+            "n_tasks": count.values.tolist(), "full_rank": sorted(full) or None,
             "aggregation": "per task: mean over seeds; then mean over tasks"}
 
 

@@ -48,36 +48,38 @@ class Benchmark:
         return None if self.mean_classes is None else HEAD_IN * self.mean_classes / 1e6
 
 
+def _registry(dataset: str) -> Dict[str, Any]:
+    """The task registry a benchmark follows: ``peft_vit.data.vtab.TASKS`` or ``.fgvc.DATASETS``."""
+    from ..data import fgvc, vtab
+
+    return {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS}.get(dataset, {})
+
+
 def vtab_tasks() -> Dict[str, str]:
     """task -> group, in the papers' column order, from the task registry."""
-    from ..data.vtab import TASKS
-
-    return {t: TASKS[t].group for t in TASKS}
-
-
-def vtab_benchmark() -> Benchmark:
-    """Task order, groups and class counts from ``peft_vit.data.vtab.TASKS``."""
-    from ..data.vtab import TASKS
-
-    groups: Dict[str, List[str]] = {}
-    for t in TASKS:
-        groups.setdefault(TASKS[t].group, []).append(t)
-    classes = [TASKS[t].num_classes for t in TASKS]
-    return Benchmark("vtab", "VTAB-1k", list(TASKS), groups, f"mean{len(TASKS)}", sum(classes) / len(classes))
-
-
-def fgvc_benchmark() -> Benchmark:
-    """Dataset order and class counts from ``peft_vit.data.fgvc.DATASETS``."""
-    from ..data.fgvc import DATASETS
-
-    classes = [d.num_classes for d in DATASETS.values()]
-    return Benchmark("fgvc", "FGVC", list(DATASETS), {}, "mean", sum(classes) / len(classes))
+    return {t: spec.group for t, spec in _registry("vtab").items()}
 
 
 def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
-    if dataset in ("vtab", "fgvc"):
-        return vtab_benchmark() if dataset == "vtab" else fgvc_benchmark()
-    return Benchmark(dataset, dataset, sorted({r.task for r in records if r.dataset == dataset}), {}, "mean")
+    """Task order, groups and class counts from the registry; other datasets: their tasks found."""
+    reg = _registry(dataset)
+    if not reg:
+        return Benchmark(dataset, dataset, sorted({r.task for r in records if r.dataset == dataset}), {}, "mean")
+    groups: Dict[str, List[str]] = {}
+    for t, spec in reg.items():
+        if getattr(spec, "group", None):
+            groups.setdefault(spec.group, []).append(t)
+    classes = sum(spec.num_classes for spec in reg.values()) / len(reg)
+    title, mean_title = ("VTAB-1k", f"mean{len(reg)}") if dataset == "vtab" else ("FGVC", "mean")
+    return Benchmark(dataset, title, list(reg), groups, mean_title, classes)
+
+
+def vtab_benchmark() -> Benchmark:
+    return benchmark_for("vtab")
+
+
+def fgvc_benchmark() -> Benchmark:
+    return benchmark_for("fgvc")
 
 
 # --------------------------------------------------------------------------- table model
