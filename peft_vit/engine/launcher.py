@@ -22,8 +22,10 @@ PENDING/RUNNING again, never "ended", so it is waited for.
 
 Re-launching a sweep (same ``hydra.sweep.dir``):
 
-* jobs whose ``results.json`` exists are not submitted at all (``skip_done``; the loop would
-  skip them too, after queueing and starting);
+* jobs whose ``results.json`` exists and was made by the same configuration (fingerprint,
+  peft_vit/engine/rundir.py) are not submitted at all (``skip_done``; the loop would skip them
+  too, after queueing and starting); one made by another configuration (a preset edited since)
+  is refused, as the loop would refuse it, with the keys that differ, and not submitted;
 * SLURM jobs of an earlier launch still queued or running (its launcher died: logout, Ctrl-C)
   are waited for, not submitted twice (each job's folder holds ``peft_vit_job.json``).
 
@@ -60,6 +62,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .rundir import ForeignStateError
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +254,13 @@ class _BoundedWait:
             params = (list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state(), job_cfg)
             slot = _Slot(num=idx, overrides=list(overrides), params=params)
             slots.append(slot)
-            finished = self._finished_result(slot, job_cfg)
+            try:
+                finished = self._finished_result(slot, job_cfg)
+            except ForeignStateError as e:  # as the job itself would fail: never submitted
+                slot.result = _failed(slot, e)
+                done.append(slot)
+                log.error(f"\t#{idx} : {' '.join(filter_overrides(overrides))}  [refused: {e}]")
+                continue
             if finished is not None:
                 # skip_done, before submission: nothing is queued for a job that has its results
                 slot.result = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
@@ -302,12 +312,15 @@ class _BoundedWait:
                        config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
     def _finished_result(self, slot: _Slot, cfg: Optional[DictConfig]) -> Optional[Path]:
-        """<job dir>/results.json when the job's config has skip_done and the file exists.
-        The job dir is computed as Hydra's run_job does (sweep.dir / sweep.subdir); a subdir that
-        depends on hydra.job.id (known only inside the job) is never skipped here."""
+        """<job dir>/results.json when the job's config has skip_done and the file exists and was
+        made by the same configuration (as the loop's skip_done decides: a record of another
+        configuration raises ForeignStateError naming the keys that differ). The job dir is
+        computed as Hydra's run_job does (sweep.dir / sweep.subdir); a subdir that depends on
+        hydra.job.id (known only inside the job) is never skipped here."""
         from hydra.core.hydra_config import HydraConfig
 
         from ..record import RESULTS
+        from .rundir import finished_record, result_config
 
         if cfg is None or not cfg.get("skip_done", False):
             return None
@@ -323,7 +336,12 @@ class _BoundedWait:
             hc.set_config(cfg)
             job_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
             path = job_dir / RESULTS
-            return path if path.is_file() else None
+            if not path.is_file():
+                return None
+            finished_record(path, result_config(cfg))  # raises if the record is foreign or unreadable
+            return path
+        except ForeignStateError:
+            raise
         except Exception as e:  # noqa: BLE001 - never fail a sweep over this shortcut; the job skips itself
             log.debug(f"skip_done check failed for #{slot.num}: {e}")
             return None
