@@ -176,9 +176,9 @@ def our_row(row: RowData, b: Benchmark, cols: List[Column]) -> Row:
               cells=_cells(w.loc[seeds], b, cols))
     p = e[e["head"].notna()]
     if len(p):  # per task the mean over seeds, then the mean over the tasks present
-        m = p.groupby("task")[["head", "no_head"]].mean() / 1e6
-        out.params_head = float(m["head"].mean())
-        out.params_no_head = None if p["no_head"].isna().any() else float(m["no_head"].mean())
+        m = p.groupby("task")[["head", "no_head"]].mean()
+        out.params_head = float(m["head"].mean()) / 1e6
+        out.params_no_head = None if p["no_head"].isna().any() else float(m["no_head"].mean()) / 1e6
         out.params_partial = len(m) < len(b.tasks)
     return out
 
