@@ -93,7 +93,7 @@ def accuracy_vs_params_data(table: Table, protocols: Optional[Iterable[str]] = N
                        "params_m": round(params, 6), "acc": round(cell.mean, 6),
                        **({"params_note": note} if note else {})})
     fronts = {}
-    for key in _ordered_unique(p["front"] for p in points):
+    for key in dict.fromkeys(p["front"] for p in points):
         idx = [i for i, p in enumerate(points) if p["front"] == key]
         front = pareto_front([(points[i]["params_m"], points[i]["acc"]) for i in idx])
         fronts[key] = [points[idx[j]]["label"] for j in front]
@@ -107,14 +107,6 @@ def _front_key(protocol: str, backbone: str) -> str:
     return protocol + ("" if mark == "" else f" [{'*' if mark == '*' else backbone}]")
 
 
-def _ordered_unique(xs: Iterable[str]) -> List[str]:
-    seen: List[str] = []
-    for x in xs:
-        if x not in seen:
-            seen.append(x)
-    return seen
-
-
 _COLORS = {"final/last-epoch": "tab:blue", "final/max-over-epochs (selects on test)": "tab:orange",
            "tune/val": "tab:green", PAPER_PROTOCOL: "tab:gray"}
 
@@ -124,11 +116,11 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
     """Mean accuracy vs trainable params (log x). Writes <stem>.png, .pdf and .json; returns the
     plotted data. ``protocols`` restricts the rows (default: all but tune/val)."""
     if protocols is None:
-        protocols = [p for p in _ordered_unique(r.protocol for r in table.rows) if not p.startswith(("tune", "Δ"))]
+        protocols = [p for p in dict.fromkeys(r.protocol for r in table.rows) if not p.startswith(("tune", "Δ"))]
     data = accuracy_vs_params_data(table, protocols)
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for key in _ordered_unique(p["front"] for p in data["points"]):
+    for key in dict.fromkeys(p["front"] for p in data["points"]):
         pts = [p for p in data["points"] if p["front"] == key]
         star = key != pts[0]["protocol"]  # another backbone: hollow markers, dotted front
         color = _COLORS.get(pts[0]["protocol"], None)
