@@ -23,6 +23,7 @@ no extra modules.
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 __all__ = [
     "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter", "InsertedParallel",
     "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
-    "replace_module", "merge",
+    "replace_module", "merge", "ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched",
     "count_parameters", "NotMergeableError", "FUSED_BLOCKS",
 ]
 
@@ -59,7 +60,123 @@ class NotMergeableError(RuntimeError):
 
 
 class PeftModule(nn.Module):
-    """Marker base: every parameter of a PeftModule is a method parameter and trains."""
+    """Marker base: every parameter of a PeftModule is a method parameter and trains.
+
+    Its parameters may live in a :class:`ParamPack` instead (see :func:`pack_parameters`); they
+    then read, under their own names (``delta.v_l``), as views into the pack's flat tensors."""
+
+    def __getattr__(self, name: str):
+        packed = self.__dict__.get("_packed")
+        if packed is not None and name in packed[1]:
+            return packed[0].view_of(packed[1][name])
+        return super().__getattr__(name)
+
+
+class ParamPack(PeftModule):
+    """The parameters of many method modules in one flat tensor per parameter name (``v_l``
+    holds the ``v_l`` of every packed module), so that a training step updates a few large
+    tensors instead of hundreds of small ones (each costs the optimiser a few kernel launches per
+    step), and so that the same parameter of many modules is one contiguous (count, *shape) view
+    that batched math reads with no stack or copy.
+
+    ``units`` is a list of module lists; the modules of one unit share class, parameter names and
+    shapes. A 1-d parameter stays 1-d and any other is stored as (n, 1), so that the optimiser's
+    usual rule (no weight decay on 1-d tensors and biases) and AdamW's element-wise update treat
+    every value exactly as before packing."""
+
+    def __init__(self, units: Sequence[Sequence[nn.Module]]):
+        super().__init__()
+        self.slots: Dict[Tuple[int, str], Tuple[int, int, Tuple[int, ...]]] = {}
+        parts: Dict[str, List[torch.Tensor]] = {}
+        ndim: Dict[str, int] = {}
+        for u, mods in enumerate(units):
+            names = [n for n, _ in mods[0].named_parameters(recurse=False)]
+            for n in names:
+                ps = [m._parameters[n] for m in mods]
+                shape = tuple(ps[0].shape)
+                if any(tuple(p.shape) != shape or type(m) is not type(mods[0]) for p, m in zip(ps, mods)):
+                    raise ValueError(f"ParamPack: unit {u} mixes classes or shapes of {n!r}")
+                if ndim.setdefault(n, min(len(shape), 2)) != min(len(shape), 2):
+                    raise ValueError(f"ParamPack: {n!r} is 1-d in one unit and not in another")
+                chunk = parts.setdefault(n, [])
+                self.slots[(u, n)] = (sum(t.numel() for t in chunk), len(mods), shape)
+                chunk += [p.detach().reshape(-1) for p in ps]
+            for i, m in enumerate(mods):
+                for n in names:
+                    del m._parameters[n]
+                m.__dict__["_packed"] = (self, {n: (u, n, i) for n in names})
+        for n, ts in parts.items():
+            t = torch.cat(ts)
+            self.register_parameter(n, nn.Parameter(t if ndim[n] <= 1 else t.unsqueeze(1)))
+
+    def unpack(self) -> Dict[Tuple[int, str], torch.Tensor]:
+        """Every slot as a flat (count·numel,) view: one split per stored tensor."""
+        out: Dict[Tuple[int, str], torch.Tensor] = {}
+        for n, p in self._parameters.items():
+            keys = sorted((k for k in self.slots if k[1] == n), key=lambda k: self.slots[k][0])
+            sizes = [self.slots[k][1] * math.prod(self.slots[k][2]) for k in keys]
+            flat = p if p.dim() == 1 else p.view(-1)
+            out.update(zip(keys, flat.split(sizes) if len(keys) > 1 else [flat]))
+        return out
+
+    def stacked(self, unit: int, name: str) -> torch.Tensor:
+        """Parameter ``name`` of every module of ``unit``: a (count, *shape) view."""
+        off, count, shape = self.slots[(unit, name)]
+        return self._parameters[name].view(-1)[off:off + count * math.prod(shape)].view(count, *shape)
+
+    def view_of(self, where: Tuple[int, str, int]) -> torch.Tensor:
+        unit, name, i = where
+        return self.stacked(unit, name)[i]
+
+
+def pack_parameters(owner: nn.Module, units: Sequence[Sequence[nn.Module]], name: str = "pack") -> ParamPack:
+    """Move the parameters of ``units`` into one :class:`ParamPack`, registered as ``owner.name``."""
+    pack = ParamPack(units)
+    owner.add_module(name, pack)
+    return pack
+
+
+class BatchedDeltas(nn.Module):
+    """Computes the parameter-side factors of many :class:`AdaptedLinear` s together (across
+    blocks of a fused projection and across layers), once per forward of the model, in a handful
+    of batched ops instead of a small graph per matrix.
+
+    Attached with :func:`attach_batched`: a forward pre-hook of the model calls :meth:`compute`
+    and keeps its result for that forward; each adapted Linear then calls
+    :meth:`forward_linear` with its index. A Linear called on its own (outside the model's
+    forward) finds no factors and runs its deltas one by one: the same math."""
+
+    def __init__(self, linears: Sequence["AdaptedLinear"]):
+        super().__init__()
+        self._cache: Optional[List] = None
+        for i, lin in enumerate(linears):
+            lin.__dict__["_batched"] = (self, i)
+
+    def compute(self) -> List:
+        raise NotImplementedError
+
+    def forward_linear(self, lin: "AdaptedLinear", index: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _refresh_batched(model: nn.Module, args) -> None:
+    for m in model.children():
+        if isinstance(m, BatchedDeltas):
+            m._cache = m.compute()
+
+
+def _clear_batched(model: nn.Module, args, output) -> None:
+    for m in model.children():
+        if isinstance(m, BatchedDeltas):
+            m._cache = None
+
+
+def attach_batched(model: nn.Module, name: str, batched: BatchedDeltas) -> BatchedDeltas:
+    model.add_module(name, batched)
+    if _refresh_batched not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_refresh_batched)
+        model.register_forward_hook(_clear_batched, always_call=True)
+    return batched
 
 
 class Delta(PeftModule):
@@ -112,6 +229,8 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"block {block!r} of this Linear is already adapted")
         self.deltas[block] = delta
         self.slices[block] = rows
+        if block != "all":  # where the block's output goes (no slicing of y, no cat)
+            self.register_buffer(f"rows_{block}", torch.arange(*rows, device=self.base.weight.device), persistent=False)
 
     def _block(self, name: str):
         a, b = self.slices[name]
@@ -135,6 +254,9 @@ class AdaptedLinear(nn.Module):
         return w + dw, (b if db is None else (db if b is None else b + db))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = self.__dict__.get("_batched")
+        if batched is not None and batched[0]._cache is not None:
+            return batched[0].forward_linear(self, batched[1], x)
         if self.weight_space:
             w, b = self.merged_weight_bias()
             return F.linear(x, w, b)
@@ -142,16 +264,10 @@ class AdaptedLinear(nn.Module):
         if len(self.deltas) == 1 and "all" in self.deltas:
             _, _, w, b = self._block("all")
             return y + self.deltas["all"](x, w, b)
-        parts, pos = [], 0
-        for name in sorted(self.deltas, key=lambda n: self.slices[n][0]):
-            a, z, wb, bb = self._block(name)
-            if a > pos:
-                parts.append(y[..., pos:a])
-            parts.append(y[..., a:z] + self.deltas[name](x, wb, bb))
-            pos = z
-        if pos < y.shape[-1]:
-            parts.append(y[..., pos:])
-        return torch.cat(parts, dim=-1)
+        for name, delta in self.deltas.items():
+            _, _, wb, bb = self._block(name)
+            y = y.index_add(-1, getattr(self, f"rows_{name}"), delta(x, wb, bb))
+        return y
 
     def merge(self) -> nn.Linear:
         w, b = self.merged_weight_bias()
@@ -419,6 +535,14 @@ def merge(model: nn.Module) -> nn.Module:
     # before an outer one reads them.
     for n, m in sorted(todo, key=lambda t: -t[0].count(".")):
         _set_submodule(model, n, m.merge())
+    # parameter packs and batched factors served the folded modules only
+    for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, (ParamPack, BatchedDeltas))]:
+        parent_name, _, attr = n.rpartition(".")
+        delattr(model.get_submodule(parent_name) if parent_name else model, attr)
+    for hooks, fn in ((model._forward_pre_hooks, _refresh_batched), (model._forward_hooks, _clear_batched)):
+        for k in [k for k, v in hooks.items() if v is fn]:
+            del hooks[k]
+            model._forward_hooks_always_called.pop(k, None)
     # Modules a method swapped in without parameters (e.g. RLRR's residual dropout) name the
     # plain module that replaces them at inference via ``merged_replacement()``.
     for n, m in list(model.named_modules()):
