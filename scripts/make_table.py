@@ -11,7 +11,7 @@ test)`, the papers' protocol); tune runs give `tune/val`. `--paper` adds the pub
 split by differing configs and incomplete rows are listed under the table and on stderr.
 
 Every record is validated (method, dataset, task: non-empty strings; protocol: tune or final;
-seed: an integer; the protocol's accuracy, test_acc or val_acc, a number; optional keys such as
+seed: an integer; the protocol's accuracy, test_acc or val_acc, a finite number; optional keys such as
 config, experiment, best_acc_over_epochs and trainable_params of the right type). A malformed or
 unreadable results.json is skipped with a warning that names its path and what is wrong, and is
 listed under the tables; `--strict` refuses instead (exit 2, nothing written). Output file names

@@ -355,6 +355,7 @@ MALFORMED = {  # dir -> (record or raw text, what the message must say)
     "protocol": (lambda r: r.update(protocol="eval"), "'protocol' is 'eval', expected tune or final"),
     "dataset_empty": (lambda r: r.update(dataset=""), "'dataset' is empty"),
     "config_list": (lambda r: r.update(config=[1]), "'config' is list, expected dict"),
+    "acc_nan": (lambda r: r.update(test_acc=float("nan")), "'test_acc' is nan, expected a finite number"),
 }
 
 
@@ -391,4 +392,4 @@ def test_make_table_skips_malformed_or_refuses_with_strict(malformed, tmp_path, 
     assert "| lora | final/last-epoch |  | 60.00 |" in md and "- malformed no_task/results.json: missing 'task'" in md
     strict = tmp_path / "strict"
     assert script("make_table").main([str(malformed), "--out", str(strict), "--strict"]) == 2
-    assert "refusing: 9 malformed record(s)" in capsys.readouterr().err and not strict.exists()
+    assert f"refusing: {len(MALFORMED) + 2} malformed record(s)" in capsys.readouterr().err and not strict.exists()

@@ -85,6 +85,8 @@ def record_problems(d: Any) -> List[str]:
         if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool)):
             out.append(f"{k!r} is {type(d[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}")
     out += [f"{k!r} is empty" for k in REQUIRED[:3] if d.get(k) == ""]
+    out += [f"{k!r} is {d[k]}, expected a finite number" for k, types in SCHEMA.items()
+            if types is NUMBER and isinstance(d.get(k), float) and not math.isfinite(d[k])]
     if isinstance(d.get("protocol"), str):
         if d["protocol"] not in ACCURACY:
             out.append(f"'protocol' is {d['protocol']!r}, expected tune or final")
