@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Data-pipeline throughput: images/s for building the decode-once training set, for training
-epochs served from it, and for a streamed test pass (DataLoader workers decoding from disk).
+"""Data-pipeline throughput, each stage against the path it replaced: the first build of the
+decode cache (train + test, one process per core) and a start from the warm cache; training
+epochs served on the device (gather, normalise, flip per batch) against a per-item DataLoader;
+a test pass read from the memory-mapped cache against DataLoader workers decoding JPEGs.
 
     python scripts/benchmark_data.py --generate                     # synthetic JPEGs, 500x375 like natural images
     python scripts/benchmark_data.py --task sun397 --root datasets/vtab-1k --workers 8
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -23,24 +26,33 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from peft_vit.data import SeededAugment, vtab  # noqa: E402
+from peft_vit.data.folder import ImageList, decode_workers  # noqa: E402
+from peft_vit.data.loader import EvalBatches, GlobalBatchSampler, TrainBatches  # noqa: E402
+from peft_vit.data.memory import InMemoryImages  # noqa: E402
+from peft_vit.data.transforms import ResizeSquare  # noqa: E402
 
 
-def generate(root: Path, task: vtab.Task, n_train: int, n_test: int, size=(500, 375), quality: int = 90) -> None:
-    """A NOAH-layout task folder of smooth random JPEGs (decode cost close to real photos)."""
-    rng = np.random.default_rng(0)
+def _write_jpeg(job) -> None:
+    path, seed, size, quality = job
+    small = np.random.default_rng(seed).integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BICUBIC).save(path, quality=quality)
+
+
+def generate(root: Path, task: vtab.Task, n_train: int, n_test: int, size=(500, 375), quality: int = 90,
+             workers: int = 0) -> None:
+    """A NOAH-layout task folder of smooth random JPEGs (decode cost close to real photos),
+    written by ``workers`` processes (0: one per core)."""
     d = root / task.folder
     splits = {"train800": int(n_train * 0.8), "val200": n_train - int(n_train * 0.8), "test": n_test}
-    for split, n in splits.items():
+    jobs = []
+    for k, (split, n) in enumerate(splits.items()):
         (d / "images" / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in range(n):
-            small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize(size, Image.BICUBIC)
-            rel = f"images/{split}/{i:06d}.jpg"
-            img.save(d / rel, quality=quality)
-            lines.append(f"{rel} {i % task.num_classes}\n")
-        (d / f"{split}.txt").write_text("".join(lines))
+        rels = [f"images/{split}/{i:06d}.jpg" for i in range(n)]
+        jobs += [(d / rel, (k, i), size, quality) for i, rel in enumerate(rels)]
+        (d / f"{split}.txt").write_text("".join(f"{rel} {i % task.num_classes}\n" for i, rel in enumerate(rels)))
     (d / "train800val200.txt").write_text((d / "train800.txt").read_text() + (d / "val200.txt").read_text())
+    with multiprocessing.Pool(workers or decode_workers()) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=32)
 
 
 def rate(n: int, seconds: float) -> str:
@@ -59,8 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3, help="training epochs to time")
-    p.add_argument("--max-test", type=int, default=None, help="stop the test pass after this many images")
-    p.add_argument("--cache-dir", default=None, help="also time the decode-once cache file")
+    p.add_argument("--max-test", type=int, default=None, help="time the test passes on this many images")
+    p.add_argument("--cache-dir", default=None, help="decode cache (default: a temporary one, cold)")
+    p.add_argument("--device", default="auto", help="where the training batches go: auto | cpu | cuda")
+    p.add_argument("--gen-workers", type=int, default=0, help="processes writing the JPEGs (0: one per core)")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
     if not args.root and not args.generate:
@@ -74,46 +88,60 @@ def main(argv=None) -> int:
         root = tmp.name
         w, h = (int(v) for v in args.src_size.split("x"))
         t0 = time.time()
-        generate(Path(root), task, args.train, args.test, (w, h))
+        generate(Path(root), task, args.train, args.test, (w, h), workers=args.gen_workers)
         print(f"generated {args.train} + {args.test} JPEGs of {w}x{h} in {time.time() - t0:.1f}s")
+    cache_tmp = None if args.cache_dir else tempfile.TemporaryDirectory(prefix="peft-vit-cache-")
+    cache_dir = args.cache_dir or cache_tmp.name
     dcfg = OmegaConf.create(dict(task=task.name, num_classes=task.num_classes, root=str(root), img_size=args.img_size,
-                                 normalize="imagenet", flip=True, cache_dir=args.cache_dir, prepare_if_missing=False))
+                                 normalize="imagenet", flip=True, cache_dir=cache_dir, prepare_if_missing=False))
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     out = {"task": task.name, "img_size": args.img_size, "workers": args.workers, "batch": args.batch,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "decode_processes": decode_workers(), "device": str(device)}
 
     t0 = time.time()
+    data = vtab.build(dcfg, "final")  # a cold cache when the folder is new: decodes train + test
+    n_train, n_test = len(data.train), len(data.eval)
+    out["first_build_s"] = time.time() - t0
+    print(f"{'build (a cold cache: decode all):':34s}{rate(n_train + n_test, out['first_build_s'])}")
+    t0 = time.time()
     data = vtab.build(dcfg, "final")
-    n_train = len(data.train)
-    out["decode_once_s"] = time.time() - t0
-    print(f"decode once into uint8 {tuple(data.train.images.shape)}: {rate(n_train, out['decode_once_s'])}")
-    if args.cache_dir:
-        t0 = time.time()
-        vtab.build(dcfg, "final")
-        out["from_cache_file_s"] = time.time() - t0
-        print(f"rebuild from the cache file:     {rate(n_train, out['from_cache_file_s'])}")
+    out["from_cache_file_s"] = time.time() - t0
+    print(f"{'data ready from the warm cache:':34s}{rate(n_train + n_test, out['from_cache_file_s'])}")
 
-    loader = torch.utils.data.DataLoader(SeededAugment(data.train), batch_size=args.batch, shuffle=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         drop_last=True)
-    seen, t0 = 0, time.time()
-    for _ in range(args.epochs):
-        for x, _ in loader:
+    def timed(batches, what, key):
+        seen, t0 = 0, time.time()
+        for x, _ in batches:
             seen += len(x)
-    out["train_img_s"] = seen / (time.time() - t0)
-    print(f"training epochs from memory:     {rate(seen, time.time() - t0)}")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out[key] = seen / (time.time() - t0)
+        print(f"{what:34s}{rate(seen, time.time() - t0)}")
 
-    loader = torch.utils.data.DataLoader(data.eval, batch_size=256, num_workers=args.workers)
-    seen, t0 = 0, time.time()
-    for x, _ in loader:
-        seen += len(x)
-        if args.max_test and seen >= args.max_test:
-            break
-    out["test_img_s"] = seen / (time.time() - t0)
-    print(f"test pass, streamed from disk:   {rate(seen, time.time() - t0)}")
+    batches = TrainBatches(data.train, args.batch, 0, device)
+    timed((b for e in range(args.epochs) for b in batches.epoch(e)), "training epochs, on the device:", "train_img_s")
+    sampler = GlobalBatchSampler(n_train, args.batch, 0)  # the previous path: per item, in workers
+    loader = torch.utils.data.DataLoader(SeededAugment(data.train), batch_sampler=sampler, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0)
+
+    def dataloader_epochs():
+        for e in range(args.epochs):
+            sampler.set_epoch(e)
+            yield from loader
+
+    timed(dataloader_epochs(), "training epochs, DataLoader:", "train_img_s_dataloader")
+
+    eval_n = min(n_test, args.max_test or n_test)  # the test set, memory-mapped from the cache
+    timed(EvalBatches(InMemoryImages(data.eval.images[:eval_n], data.eval.labels[:eval_n]), 256, device),
+          "test pass, from the cache:", "eval_img_s_cache")
+    streamed = ImageList(data.eval.listing, ResizeSquare(args.img_size), "imagenet")  # the previous path
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(streamed, range(eval_n)), batch_size=256,
+                                         num_workers=args.workers)
+    timed(loader, "test pass, decoding JPEGs:", "eval_img_s_decode")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
-    if tmp:
-        tmp.cleanup()
+    for t in (tmp, cache_tmp):
+        if t:
+            t.cleanup()
     return 0
 
 

@@ -5,6 +5,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# decoded-image caches (paths.cache_dir) of tests and of the train.py runs they start: a temporary
+# folder, removed at exit, never ~/.cache
+if "PEFT_VIT_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PEFT_VIT_CACHE"] = tempfile.mkdtemp(prefix="peft-vit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PEFT_VIT_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

@@ -149,8 +149,8 @@ def test_fgvc_resize_short_side_or_square(tmp_path):
         fgvc_eval_transform(224, resize="crop")
 
     make_fgvc(tmp_path, "cars", per_split=(4, 2, 3))
-    a = build_datasets(cfg_for("cars", tmp_path))
-    b = build_datasets(cfg_for("cars", tmp_path, "dataset.resize=square"))
+    a = build_datasets(cfg_for("cars", tmp_path, "dataset.cache_dir=null"))  # streamed: keeps its transform
+    b = build_datasets(cfg_for("cars", tmp_path, "dataset.resize=square", "dataset.cache_dir=null"))
     assert a.eval[0][0].shape == b.eval[0][0].shape == (3, SIZE, SIZE)
     n = int(SIZE * 256 / 224)
     assert a.eval.transform.transforms[0].size == n and b.eval.transform.transforms[0].size == (n, n)

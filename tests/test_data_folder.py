@@ -122,8 +122,9 @@ def test_decode_once_cache(tmp_path, monkeypatch):
     make_task(tmp_path / "data", "svhn", 10)
     cache = tmp_path / "cache"
     first = build_datasets(data_cfg("svhn", tmp_path / "data", f"dataset.cache_dir={cache}"))
-    files = sorted(cache.glob("*.pt"))
-    assert [f.name.split("-")[:3] for f in files] == [["svhn", "train800val200", f"{SIZE}px"]]
+    files = sorted(cache.glob("*.npy"))
+    assert [f.name.split("-")[:3] for f in files] == [["svhn", "test", f"{SIZE}px"],
+                                                      ["svhn", "train800val200", f"{SIZE}px"]]
 
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
@@ -136,8 +137,9 @@ def test_decode_once_cache(tmp_path, monkeypatch):
 
 
 def test_eval_set_is_lazy_and_picklable(tmp_path):
+    """Without a cache the test set streams from disk, through DataLoader workers."""
     make_task(tmp_path, "kitti", 4)
-    data = build_datasets(data_cfg("kitti", tmp_path))
+    data = build_datasets(data_cfg("kitti", tmp_path, "dataset.cache_dir=null"))
     clone = pickle.loads(pickle.dumps(data.eval))
     assert torch.equal(clone[2][0], data.eval[2][0])
     loader = torch.utils.data.DataLoader(data.eval, batch_size=3, num_workers=1)
@@ -212,12 +214,15 @@ def test_corrupt_image_names_file_and_line(tmp_path):
     with pytest.raises(BadImageError) as e:  # the training set is decoded at build time
         build_datasets(data_cfg("eurosat", tmp_path))
     assert f"cannot decode image {bad} (listed at {tmp_path / 'eurosat' / 'train800val200.txt'}:2)" in str(e.value)
-    # a truncated test image fails when streamed, naming its line too
+    # a truncated test image fails when decoded into the cache, or, without one, when streamed,
+    # naming its line either way
     good = tmp_path / "eurosat" / "images" / "train800" / "000000.jpg"
     bad.write_bytes(good.read_bytes())
     test_img = tmp_path / "eurosat" / "images" / "test" / "000003.jpg"
     test_img.write_bytes(test_img.read_bytes()[:40])
-    data = build_datasets(data_cfg("eurosat", tmp_path))
+    with pytest.raises(BadImageError, match=rf"{test_img} \(listed at .*test.txt:4\)"):
+        build_datasets(data_cfg("eurosat", tmp_path))
+    data = build_datasets(data_cfg("eurosat", tmp_path, "dataset.cache_dir=null"))
     with pytest.raises(BadImageError, match=rf"{test_img} \(listed at .*test.txt:4\)"):
         data.eval[3]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from . import DataSplits, PROTOCOLS, register_source
-from .folder import ImageList, Listing, resolve_folder
+from .folder import ImageList, Listing, decode_cached, resolve_folder
+from .memory import InMemoryImages
 from .transforms import fgvc_eval_transform, fgvc_train_transform
 
 SPLITS = ("train", "val", "test")
@@ -163,8 +164,14 @@ def build(dcfg, protocol: str) -> DataSplits:
     resize = dcfg.get("resize", "short_side")
     train_tf = fgvc_train_transform(size, dcfg.get("train_crop", "random_resized"), interp,
                                     flip=bool(dcfg.get("flip", True)), resize=resize)
-    train = ImageList(parts[train_split], train_tf, normalize)
-    ev = ImageList(parts[eval_split], fgvc_eval_transform(size, interp, resize), normalize)
+    train = ImageList(parts[train_split], train_tf, normalize)  # random crops: decoded per item
+    eval_tf = fgvc_eval_transform(size, interp, resize)
+    if dcfg.get("cache_dir"):  # deterministic: decoded once into the cache, memory-mapped
+        images = decode_cached(parts[eval_split], eval_tf, dcfg.cache_dir,
+                               f"fgvc-{ds.name}-{eval_split}-{size}px", mmap=True)
+        ev = InMemoryImages(images, parts[eval_split].labels_tensor(), normalize, listing=parts[eval_split])
+    else:
+        ev = ImageList(parts[eval_split], eval_tf, normalize)
     names = SPLIT_NAMES[protocol]
     return DataSplits(train, ev, names[0], names[1], ds.num_classes)
 

@@ -1,6 +1,8 @@
 """Image lists on disk: NOAH's VTAB-1k layout (and the FGVC json lists, via :class:`Listing`),
-read and validated up front, decoded lazily (test sets, in DataLoader workers) or once (the 1k
-training sets, in memory plus an optional cache file).
+read and validated up front, then decoded once per (list, transform) by a pool of processes into
+a uint8 cache file that later runs reuse (the 1k training sets are read into memory, test sets
+memory-mapped), or, without a cache directory, decoded per run (training sets) or lazily in
+DataLoader workers (test sets).
 
 NOAH layout (SPEC §3)::
 
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -25,7 +29,7 @@ from torch.utils.data import Dataset
 from .transforms import Normalize, to_rgb, to_uint8_tensor
 
 SPLIT_FILES = ("train800", "val200", "train800val200", "test")
-CACHE_VERSION = 1  # bump when decoding or resizing changes
+CACHE_VERSION = 2  # bump when decoding, resizing or the file format changes
 
 
 class BadImageError(OSError):
@@ -161,31 +165,67 @@ class ImageList(Dataset):
         return self.normalize(to_uint8_tensor(img)), self.labels[i]
 
 
-def _decode_threads() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def decode_workers() -> int:
+    """Every core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def decode_all(listing: Listing, transform: Callable, threads: Optional[int] = None) -> torch.Tensor:
-    """Decode and transform every image once -> uint8 (N, 3, H, W). PIL releases the GIL while
-    decoding and resizing, so a thread pool scales with cores."""
-    def one(i):
-        return to_uint8_tensor(transform(load_image(listing.paths[i], listing.where(i))))
+def decode_one(listing: Listing, transform: Callable, i: int) -> np.ndarray:
+    """Image ``i`` decoded, transformed -> uint8 array (3, H, W)."""
+    img = transform(load_image(listing.paths[i], listing.where(i)))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
-    threads = threads or _decode_threads()
-    if threads > 1 and len(listing) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            items = list(pool.map(one, range(len(listing))))
+
+_JOB: tuple = ()  # (listing, transform) in a decoding worker process
+
+
+def _init_worker(listing: Listing, transform: Callable) -> None:
+    global _JOB
+    _JOB = (listing, transform)
+
+
+def _decode_range(span) -> np.ndarray:
+    listing, transform = _JOB
+    lo, hi, shape = span
+    out = np.empty((hi - lo,) + shape, dtype=np.uint8)
+    for k, i in enumerate(range(lo, hi)):
+        a = decode_one(listing, transform, i)
+        if a.shape != shape:
+            raise ValueError(f"image {listing.paths[i]} (listed at {listing.where(i)}) is {a.shape} after "
+                             f"{transform!r}, the first image of {listing.source} is {shape}: every image of a "
+                             f"list must have the same size after the transform")
+        out[k] = a
+    return out
+
+
+def decode_all(listing: Listing, transform: Callable, workers: Optional[int] = None,
+               out: Optional[Callable[[tuple], np.ndarray]] = None) -> np.ndarray:
+    """Decode and transform every image once -> uint8 (N, 3, H, W), written into ``out(shape)``
+    (e.g. a memory-mapped file; default a new array). Large lists are decoded by a pool of
+    processes, one per core (``workers``), in chunks."""
+    n, workers = len(listing), workers or decode_workers()
+    first = decode_one(listing, transform, 0)
+    shape = (n,) + first.shape
+    arr = out(shape) if out else np.empty(shape, np.uint8)
+    arr[0] = first
+    chunk = max(16, min(256, -(-n // (4 * workers))))
+    spans = [(lo, min(lo + chunk, n), first.shape) for lo in range(1, n, chunk)]
+    if workers > 1 and n > 64:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(min(workers, len(spans)), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(listing, transform)) as pool:
+            for (lo, hi, _), block in zip(spans, pool.map(_decode_range, spans)):
+                arr[lo:hi] = block
     else:
-        items = [one(i) for i in range(len(listing))]
-    shapes = {tuple(t.shape) for t in items}
-    if len(shapes) != 1:
-        raise ValueError(f"images of {listing.source} have different sizes after {transform!r}: {sorted(shapes)[:3]}")
-    return torch.stack(items)
+        _init_worker(listing, transform)
+        for lo, hi, shape in spans:
+            arr[lo:hi] = _decode_range((lo, hi, shape))
+    return arr
 
 
 def cache_key(listing: Listing, transform: Callable, extra: Iterable = ()) -> str:
-    """Hash of what the decoded tensor depends on: the list (paths, labels), each file's size and
-    mtime, the transform and the cache version."""
+    """Hash of what the decoded images depend on: the list (paths, labels, order), each file's
+    size and mtime, the transform and the cache version."""
     h = hashlib.sha1(f"v{CACHE_VERSION}|{transform!r}|{list(extra)}".encode())
     for p, y in zip(listing.paths, listing.labels):
         st = os.stat(p)
@@ -193,23 +233,39 @@ def cache_key(listing: Listing, transform: Callable, extra: Iterable = ()) -> st
     return h.hexdigest()[:16]
 
 
+def cache_path(listing: Listing, transform: Callable, cache_dir, name: str = "images") -> Path:
+    return Path(cache_dir).expanduser() / f"{name}-{cache_key(listing, transform)}.npy"
+
+
+def _read_cache(path: Path, n: int, mmap: bool) -> Optional[np.ndarray]:
+    try:
+        a = np.load(path, mmap_mode="c" if mmap else None)
+    except (OSError, ValueError):  # absent, truncated or foreign: (re)build it
+        return None
+    return a if a.dtype == np.uint8 and a.ndim == 4 and a.shape[:2] == (n, 3) else None
+
+
 def decode_cached(listing: Listing, transform: Callable, cache_dir: Optional[str] = None, name: str = "images",
-                  threads: Optional[int] = None) -> torch.Tensor:
-    """:func:`decode_all`, stored in ``cache_dir/<name>-<hash>.pt`` when ``cache_dir`` is set and
-    reloaded from there by any later run with the same list, files and transform."""
+                  mmap: bool = False, workers: Optional[int] = None) -> torch.Tensor:
+    """:func:`decode_all` as a uint8 tensor (N, 3, H, W). With ``cache_dir`` it is stored in
+    ``cache_dir/<name>-<hash>.npy`` (:func:`cache_key`) and read from there by every later run
+    with the same list, files and transform; ``mmap``: memory-map the file instead of reading it
+    into RAM (large test sets). The file is written under a temporary name and renamed when
+    complete, so a killed run never leaves a partial cache that a later run would read."""
     if not cache_dir:
-        return decode_all(listing, transform, threads)
-    path = Path(cache_dir) / f"{name}-{cache_key(listing, transform)}.pt"
-    if path.is_file():
+        return torch.from_numpy(decode_all(listing, transform, workers))
+    path = cache_path(listing, transform, cache_dir, name)
+    images = _read_cache(path, len(listing), mmap)
+    if images is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
-            images = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and len(images) == len(listing):
-                return images
-        except Exception:  # a truncated or foreign file: rebuild it
-            pass
-    images = decode_all(listing, transform, threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(images, tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
-    return images
+            arr = decode_all(listing, transform, workers,
+                             out=lambda shape: np.lib.format.open_memmap(tmp, "w+", np.uint8, shape))
+            arr.flush()
+            del arr
+            os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+        finally:
+            tmp.unlink(missing_ok=True)
+        images = _read_cache(path, len(listing), mmap)
+    return torch.from_numpy(images)

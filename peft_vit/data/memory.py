@@ -1,4 +1,5 @@
-"""An in-memory image set: decoded and resized once, stored as uint8, normalised per item."""
+"""A decoded image set: decoded and resized once, stored as uint8 (in RAM, or a memory-mapped
+cache file), normalised per item here or per batch on the device (:mod:`peft_vit.data.loader`)."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +10,12 @@ from .transforms import normalization
 
 class InMemoryImages(Dataset):
     """``images``: uint8 (N, 3, H, W), already at the model's resolution; ``labels``: int64 (N,).
-    ``flip``: random horizontal flip (p = 0.5) on access."""
+    ``flip``: random horizontal flip (p = 0.5) on access. ``listing``: where the images came from
+    (a :class:`~peft_vit.data.folder.Listing`), if from files. The loop does not index it per item:
+    :class:`~peft_vit.data.loader.TrainBatches` does the same per batch on the device."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: str = "imagenet", flip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalize: str = "imagenet", flip: bool = False,
+                 listing=None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -22,6 +26,7 @@ class InMemoryImages(Dataset):
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255.0
         self.std = torch.tensor(std).view(3, 1, 1) * 255.0
         self.flip = flip
+        self.listing = listing
 
     def __len__(self) -> int:
         return len(self.images)

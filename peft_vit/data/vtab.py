@@ -268,13 +268,17 @@ def build(dcfg, protocol: str) -> DataSplits:
         if len(listing) != task.expected_sizes()[s]:
             log.warning("%s: %d images listed, VTAB-1k has %d", listing.source, len(listing), task.expected_sizes()[s])
 
-    def in_memory(split, flip):
-        images = decode_cached(lists[split], resize, dcfg.get("cache_dir"), f"{task.name}-{split}-{size}px")
-        return InMemoryImages(images, lists[split].labels_tensor(), normalize, flip)
+    cache = dcfg.get("cache_dir")
 
-    train = in_memory(train_split, resolve_flip(dcfg.get("flip", False), task.flip))
-    # val200 is small: decode it once too; the test sets (up to 73,728 images) stream from disk
-    ev = in_memory(eval_split, False) if eval_split != "test" else ImageList(lists[eval_split], resize, normalize)
+    def decoded(split, flip, mmap=False):
+        images = decode_cached(lists[split], resize, cache, f"{task.name}-{split}-{size}px", mmap=mmap)
+        return InMemoryImages(images, lists[split].labels_tensor(), normalize, flip, lists[split])
+
+    train = decoded(train_split, resolve_flip(dcfg.get("flip", False), task.flip))
+    # test sets (up to 73,728 images, 11 GB at 224 px) are memory-mapped from the cache; without
+    # a cache they stream from disk (val200 is small: decoded into memory either way)
+    ev = decoded(eval_split, False, mmap=True) if cache or eval_split != "test" \
+        else ImageList(lists[eval_split], resize, normalize)
     return DataSplits(train, ev, train_split, eval_split, task.num_classes)
 
 
