@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -164,40 +165,60 @@ def test_worker_init_ignores_stop_signals():
 
 
 # ------------------------------------------------------------------ end to end
-def test_skip_done_runs_only_the_same_config(tmp_path):
-    d = tmp_path / "run"
-    train(d, "method=linear")
+@pytest.fixture(scope="module")
+def damaged_then_finished(tmp_path_factory):
+    """A run dir holding a garbage checkpoint.pt, launched with trainer.resume=require (fails),
+    then with the default auto (moves it aside, runs; progress on, into a log file)."""
+    d = tmp_path_factory.mktemp("state") / "run"
+    d.mkdir()
+    (d / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    required = train(d, "method=linear", "trainer.resume=require", ok=False)
+    auto = train(d, "method=linear", "trainer.progress=true", "trainer.epochs=4", "trainer.eval_every=1",
+                 "trainer.log_every_s=3600")
+    return d, required, auto
+
+
+def test_damaged_checkpoint_end_to_end(damaged_then_finished):
+    d, required, auto = damaged_then_finished
+    err = required.stdout + required.stderr
+    assert f"checkpoint {d / 'checkpoint.pt'} is unreadable" in err and "trainer.resume=auto" in err, err[-3000:]
+    assert "moved it to" in auto.stderr and (d / "results.json").exists()
+    assert len(list(d.glob("checkpoint.pt.unreadable-*"))) == 1 and not (d / "checkpoint.pt").exists()
+
+
+def test_log_file_gets_rate_limited_progress_and_one_line_per_evaluation(damaged_then_finished):
+    """Not a terminal: one progress line at the start and one at the end within log_every_s,
+    whatever the number of steps; each evaluation one line on stdout."""
+    r = damaged_then_finished[2]
+    bars = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.startswith("linear:")]
+    assert len(bars) == 2, bars  # 24 steps, two lines
+    assert "24/24" in bars[-1] and "loss=" in bars[-1]
+    evals = [ln for ln in r.stdout.splitlines() if "[peft-vit] epoch" in ln]
+    assert [ln.split(":")[0] for ln in evals] == [f"[peft-vit] epoch {e}" for e in (1, 2, 3, 4)]
+
+
+def test_skip_done_runs_only_the_same_config(damaged_then_finished):
+    d = damaged_then_finished[0]
     before = (d / "results.json").stat().st_mtime_ns
-    r = train(d, "method=linear", "trainer.num_workers=1")  # a key that does not change results
+    same = ["method=linear", "trainer.epochs=4", "trainer.eval_every=1"]
+    r = train(d, *same, "trainer.num_workers=1", "trainer.progress=true")  # keys that do not change results
     assert "skip:" in r.stdout and (d / "results.json").stat().st_mtime_ns == before
-    r = train(d, "method=full", ok=False)  # another method: refused, naming the key
+    r = train(d, *same[1:], "method=full", ok=False)  # another method: refused, naming the key
     err = r.stdout + r.stderr
     assert "different configuration" in err and "method.name: 'linear' -> 'full'" in err, err[-3000:]
     assert json.loads((d / "results.json").read_text())["method"] == "linear"
     assert not (d / ".lock").exists()
 
 
-def test_damaged_checkpoint_end_to_end(tmp_path):
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    r = train(d, "method=linear", "trainer.resume=require", ok=False)
-    err = r.stdout + r.stderr
-    assert f"checkpoint {d / 'checkpoint.pt'} is unreadable" in err and "trainer.resume=auto" in err, err[-3000:]
-    r = train(d, "method=linear")  # auto: moved aside, started over, finished
-    assert "moved it to" in r.stderr and (d / "results.json").exists()
-    assert len(list(d.glob("checkpoint.pt.unreadable-*"))) == 1 and not (d / "checkpoint.pt").exists()
-
-
 def test_second_launch_into_a_live_run_dir_exits_naming_the_owner(tmp_path):
     d = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train.py", *FAST, f"hydra.run.dir={d}", "method=full",
-                              "trainer.epochs=40"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                              "trainer.epochs=40"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, text=True)
     try:
-        for line in first.stdout:
-            if "[peft-vit] full on" in line:
-                break
+        t0 = time.time()
+        while not (d / ".lock").exists() and first.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.2)
         r = train(d, "method=full", "trainer.epochs=40", ok=False, timeout=120)
         err = r.stdout + r.stderr
         assert f"is in use by pid {first.pid} on host" in err, err[-3000:]
@@ -205,16 +226,3 @@ def test_second_launch_into_a_live_run_dir_exits_naming_the_owner(tmp_path):
     finally:
         first.kill()
         first.wait()
-
-
-def test_log_file_gets_rate_limited_progress_and_one_line_per_evaluation(tmp_path):
-    """Not a terminal: one progress line at the start and one at the end within log_every_s,
-    whatever the number of steps; each evaluation one line on stdout."""
-    d = tmp_path / "run"
-    r = train(d, "method=linear", "trainer.progress=true", "trainer.epochs=4", "trainer.eval_every=1",
-              "trainer.log_every_s=3600")
-    bars = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.startswith("linear:")]
-    assert len(bars) == 2, bars  # 24 steps, two lines
-    assert "24/24" in bars[-1] and "loss=" in bars[-1]
-    evals = [ln for ln in r.stdout.splitlines() if "[peft-vit] epoch" in ln]
-    assert [ln.split(":")[0] for ln in evals] == [f"[peft-vit] epoch {e}" for e in (1, 2, 3, 4)]

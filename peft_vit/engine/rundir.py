@@ -43,9 +43,14 @@ def _ignored(key: str) -> bool:
 
 def result_config(cfg: Any) -> Dict[str, Any]:
     """The flattened resolved config (a DictConfig or a plain dict) without ``IGNORED`` keys."""
-    from omegaconf import DictConfig, OmegaConf
+    import copy
+
+    from omegaconf import DictConfig, OmegaConf, open_dict
 
     if isinstance(cfg, DictConfig):
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.pop("hydra", None)  # a launcher's job config has it; the run's has not
         cfg = OmegaConf.to_container(cfg, resolve=True)
     return {k: v for k, v in _flatten(cfg).items() if not _ignored(k)}
 
