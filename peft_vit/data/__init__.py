@@ -28,7 +28,7 @@ class DataSplits:
 
 SOURCES: Dict[str, Callable[..., DataSplits]] = {}
 # source name -> module that registers it (imported on first use, so TensorFlow & co. load lazily)
-SOURCE_MODULES = {"digits": "digits", "vtab": "vtab", "fgvc": "fgvc"}
+SOURCE_MODULES = {"digits": "digits", "vtab": "vtab", "fgvc": "fgvc", "proxy": "proxy"}
 
 
 def register_source(name: str):
