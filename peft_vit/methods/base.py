@@ -82,11 +82,13 @@ class ParamPack(PeftModule):
     ``units`` is a list of module lists; the modules of one unit share class, parameter names and
     shapes. A 1-d parameter stays 1-d and any other is stored as (n, 1), so that the optimiser's
     usual rule (no weight decay on 1-d tensors and biases) and AdamW's element-wise update treat
-    every value exactly as before packing."""
+    every value exactly as before packing. With ``label`` all 1-d parameters share one tensor
+    named ``label`` and all others one named ``label_matrix`` (name the label after what is packed,
+    so that weights saved under another configuration fail to load by name, not by size)."""
 
-    def __init__(self, units: Sequence[Sequence[nn.Module]]):
+    def __init__(self, units: Sequence[Sequence[nn.Module]], label: Optional[str] = None):
         super().__init__()
-        self.slots: Dict[Tuple[int, str], Tuple[int, int, Tuple[int, ...]]] = {}
+        self.slots: Dict[Tuple[int, str], Tuple[str, int, int, Tuple[int, ...]]] = {}
         parts: Dict[str, List[torch.Tensor]] = {}
         ndim: Dict[str, int] = {}
         for u, mods in enumerate(units):
@@ -96,10 +98,12 @@ class ParamPack(PeftModule):
                 shape = tuple(ps[0].shape)
                 if any(tuple(p.shape) != shape or type(m) is not type(mods[0]) for p, m in zip(ps, mods)):
                     raise ValueError(f"ParamPack: unit {u} mixes classes or shapes of {n!r}")
-                if ndim.setdefault(n, min(len(shape), 2)) != min(len(shape), 2):
+                flat = len(shape) <= 1 or n == "bias"
+                store = n if label is None else (label if flat else f"{label}_matrix")
+                if ndim.setdefault(store, 1 if flat else 2) != (1 if flat else 2):
                     raise ValueError(f"ParamPack: {n!r} is 1-d in one unit and not in another")
-                chunk = parts.setdefault(n, [])
-                self.slots[(u, n)] = (sum(t.numel() for t in chunk), len(mods), shape)
+                chunk = parts.setdefault(store, [])
+                self.slots[(u, n)] = (store, sum(t.numel() for t in chunk), len(mods), shape)
                 chunk += [p.detach().reshape(-1) for p in ps]
             for i, m in enumerate(mods):
                 for n in names:
@@ -112,26 +116,27 @@ class ParamPack(PeftModule):
     def unpack(self) -> Dict[Tuple[int, str], torch.Tensor]:
         """Every slot as a flat (count·numel,) view: one split per stored tensor."""
         out: Dict[Tuple[int, str], torch.Tensor] = {}
-        for n, p in self._parameters.items():
-            keys = sorted((k for k in self.slots if k[1] == n), key=lambda k: self.slots[k][0])
-            sizes = [self.slots[k][1] * math.prod(self.slots[k][2]) for k in keys]
+        for store, p in self._parameters.items():
+            keys = sorted((k for k, v in self.slots.items() if v[0] == store), key=lambda k: self.slots[k][1])
+            sizes = [self.slots[k][2] * math.prod(self.slots[k][3]) for k in keys]
             flat = p if p.dim() == 1 else p.view(-1)
             out.update(zip(keys, flat.split(sizes) if len(keys) > 1 else [flat]))
         return out
 
     def stacked(self, unit: int, name: str) -> torch.Tensor:
         """Parameter ``name`` of every module of ``unit``: a (count, *shape) view."""
-        off, count, shape = self.slots[(unit, name)]
-        return self._parameters[name].view(-1)[off:off + count * math.prod(shape)].view(count, *shape)
+        store, off, count, shape = self.slots[(unit, name)]
+        return self._parameters[store].view(-1)[off:off + count * math.prod(shape)].view(count, *shape)
 
     def view_of(self, where: Tuple[int, str, int]) -> torch.Tensor:
         unit, name, i = where
         return self.stacked(unit, name)[i]
 
 
-def pack_parameters(owner: nn.Module, units: Sequence[Sequence[nn.Module]], name: str = "pack") -> ParamPack:
+def pack_parameters(owner: nn.Module, units: Sequence[Sequence[nn.Module]], name: str = "pack",
+                    label: Optional[str] = None) -> ParamPack:
     """Move the parameters of ``units`` into one :class:`ParamPack`, registered as ``owner.name``."""
-    pack = ParamPack(units)
+    pack = ParamPack(units, label)
     owner.add_module(name, pack)
     return pack
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (Delta, Method, NotMergeableError, PeftModule, adapt_linears, insert_after,
-                   register_method, replace_module)
+from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, NotMergeableError, PeftModule,
+                   adapt_linears, attach_batched, insert_after, pack_parameters, register_method, replace_module)
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -65,10 +65,15 @@ class SSF(PeftModule):
     def forward_after(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``SSF(original(x))``; after an affine LayerNorm, one LayerNorm with the folded affine
         (γ·w, γ·b + β): the same values without storing the LayerNorm's output for backward."""
+        batched = self.__dict__.get("_batched")
+        if batched is not None and batched[0]._cache is not None:
+            gamma, beta = batched[0]._cache[batched[1]]
+        else:
+            gamma, beta = self.gamma, self.beta
         if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
-            return F.layer_norm(x, original.normalized_shape, original.weight * self.gamma,
-                                original.bias * self.gamma + self.beta, original.eps)
-        return self(original(x))
+            return F.layer_norm(x, original.normalized_shape, original.weight * gamma,
+                                torch.addcmul(beta, original.bias, gamma), original.eps)
+        return original(x) * gamma + beta
 
     @torch.no_grad()
     def fold_into(self, original: nn.Module) -> nn.Module:
@@ -92,6 +97,49 @@ class SSF(PeftModule):
         w.mul_(g.to(w.dtype).view(shape))
         target.bias.mul_(g.to(w.dtype)).add_(b.to(w.dtype))
         return original
+
+
+class RLRRBatched(BatchedDeltas):
+    """RLRR's parameters of each block in one flat tensor (a :class:`ParamPack` per block), split
+    once per forward into the views every Linear and SSF of the block reads; a Linear whose
+    blocks are all adapted (q, k, v of the fused qkv, or the whole matrix) builds its
+    ``W' = W ⊙ (1 + s_out s_inᵀ)`` in one broadcast op over all its blocks."""
+
+    def __init__(self, packs, members):
+        # members[i]: (pack index, unit index, AdaptedLinear or SSF)
+        super().__init__([m for _, _, m in members])
+        self.__dict__["packs"] = list(packs)
+        self.members = [(p, u, isinstance(m, SSF)) for p, u, m in members]
+        self.shapes = [None if isinstance(m, SSF) else _fused_shape(m) for _, _, m in members]
+
+    def compute(self):
+        views = [pack.unpack() for pack in self.packs]
+        out = []
+        for (p, u, ssf), shape in zip(self.members, self.shapes):
+            v = views[p]
+            if ssf:
+                out.append((v[(u, "gamma")], v[(u, "beta")]))
+            else:
+                g, o, i = shape
+                out.append((v[(u, "s_out")].view(g, o, 1), v[(u, "s_in")].view(g, 1, i), v[(u, "f")]))
+        return out
+
+    def forward_linear(self, lin, index, x):
+        s_out, s_in, f = self._cache[index]
+        w = lin.base.weight
+        w3 = w.view(s_out.shape[0], s_out.shape[1], w.shape[1])
+        w = torch.addcmul(w3, w3, s_out * s_in).view_as(w)  # W ⊙ (1 + s_out s_inᵀ), all blocks at once
+        b = f if lin.base.bias is None else lin.base.bias + f
+        return F.linear(x, w, b)
+
+
+def _fused_shape(lin: AdaptedLinear):
+    """(blocks, rows per block, in) when every block of ``lin`` is adapted, in row order."""
+    rows = sorted(lin.slices.values())
+    size = rows[0][1] - rows[0][0]
+    if rows != [(i * size, (i + 1) * size) for i in range(lin.out_features // size)]:
+        return None
+    return len(rows), size, lin.in_features
 
 
 class ResidualDropout(nn.Dropout):
@@ -123,11 +171,36 @@ class RLRR(Method):
                 insert_after(model, final, SSF(getattr(model, final).normalized_shape[-1]))
             if hasattr(model, "patch_embed"):
                 insert_after(model, "patch_embed", SSF(model.patch_embed.proj.out_channels))
+        self._pack(model, blocks)
         if self.drop is not None:
             rates = torch.linspace(0, self.drop, len(blocks)).tolist() if blocks else []
             for b, p in zip(blocks, rates):
                 for dp in ("drop_path1", "drop_path2"):
                     replace_module(model, f"{b}.{dp}", ResidualDropout(p))
+
+    def _pack(self, model: nn.Module, blocks) -> None:
+        """One flat parameter per block (the per-block counts stay where they were)."""
+        packs, members = [], []
+        for b in blocks:
+            block = model.get_submodule(b)
+            units, owners, label = [], [], []
+            for name, mod in block.named_modules():
+                if isinstance(mod, AdaptedLinear) and all(isinstance(d, RLRRDelta) for d in mod.deltas.values()):
+                    keys = sorted(mod.deltas, key=lambda k: mod.slices[k][0])
+                    units.append([mod.deltas[k] for k in keys])
+                    owners.append(mod if _fused_shape(mod) is not None else None)
+                    label.append("".join(keys) if keys != ["all"] else name.rsplit(".", 1)[-1])
+                elif isinstance(mod, InsertedAfter) and isinstance(mod.inserted, SSF):
+                    units.append([mod.inserted])
+                    owners.append(mod.inserted)
+                    label.append(f"ssf_{name}")
+            if not units:
+                continue
+            # one tensor named after its contents, e.g. qkv_proj_fc1_fc2_ssf_norm1_ssf_norm2
+            packs.append(pack_parameters(block, units, name="rlrr_pack", label="_".join(label)))
+            members += [(len(packs) - 1, u, m) for u, m in enumerate(owners) if m is not None]
+        if members:
+            attach_batched(model, "rlrr_batched", RLRRBatched(packs, members))
 
     def _block_names(self, model: nn.Module):
         import fnmatch
