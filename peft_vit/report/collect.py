@@ -95,9 +95,13 @@ def record_problems(d: Any) -> List[str]:
     return out
 
 
-def flatten(d: Dict[str, Any]) -> Dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
-    return pd.json_normalize(d, sep=".").to_dict("records")[0] if d else {}
+def settings_of(configs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each config flattened ({'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values), without
+    the keys that do not change the result, and with None taken as absent. The keys come from
+    one ``json_normalize`` over all configs; the values are read from each config as written
+    (a frame would turn the ints of a column with gaps into floats)."""
+    keys = [k for k in pd.json_normalize(list(configs), sep=".").columns if not _ignored(k)]
+    return [{k: v for k in keys if (v := _get(c, k)) is not None} for c in configs]
 
 
 def _ignored(key: str) -> bool:
@@ -118,6 +122,7 @@ class Record:
     path: str
     data: Dict[str, Any]
     file: Optional[Path] = None
+    settings: Dict[str, Any] = field(default_factory=dict)  # the config as settings_of gives it
 
     method = property(lambda self: self.data["method"])
     dataset = property(lambda self: self.data["dataset"])
@@ -135,11 +140,6 @@ class Record:
         if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on", "test") != "test":
             return None  # a final record whose max selects on something else: not this view
         return float(v)
-
-    @cached_property
-    def settings(self) -> Dict[str, Any]:
-        """The flattened config without the keys that do not change the result."""
-        return {k: v for k, v in flatten(self.config).items() if not _ignored(k)}
 
     @cached_property
     def fingerprint(self) -> str:
@@ -186,6 +186,8 @@ def load_records(paths: Sequence[os.PathLike]) -> Collection:
             issues.append(f"malformed {rel}: {'; '.join(bad)}")
         else:
             recs.append(Record(rel, data, f))
+    for r, s in zip(recs, settings_of([r.config for r in recs])):
+        r.settings = s
     return Collection(sorted(recs, key=lambda r: r.path), issues)
 
 
@@ -252,8 +254,9 @@ def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
     rows, reported = [], set()
     for (ds, method, backbone, exp, vk), g in (df.groupby(ROW_KEY, sort=False) if len(df) else ()):
         view = VIEWS[vk]
-        for (task, seed, fp), d in g.groupby(["task", "seed", "fp"], sort=False):
-            if len(d) > 1 and (ds, method, backbone, exp, view.protocol, task, seed, fp) not in reported:
+        dups = g[g.duplicated(["task", "seed", "fp"], keep=False)]
+        for (task, seed, fp), d in dups.groupby(["task", "seed", "fp"], sort=False):
+            if (ds, method, backbone, exp, view.protocol, task, seed, fp) not in reported:
                 reported.add((ds, method, backbone, exp, view.protocol, task, seed, fp))
                 notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={view.protocol} has "
                              f"{len(d)} records with the same config; kept {d.path.iloc[-1]}, ignored "

@@ -154,9 +154,9 @@ def _aggregate(col: Column, b: Benchmark, w: pd.DataFrame) -> Cell:
 def _cells(w: pd.DataFrame, b: Benchmark, cols: List[Column]) -> Dict[str, Cell]:
     """Every column's cell from ``w`` (seeds × tasks, NaN where a seed did not run a task)."""
     w = w[[t for t in b.tasks if t in w.columns]]
-    n = w.count()
-    cells = {t: Cell(float(w[t].mean()), _std(w[t].dropna()), int(n[t]), few_seeds=bool(n[t] < n.max()))
-             for t in w.columns}
+    s = w.agg(["mean", "std", "count"]).T  # std: ddof=1, NaN for one seed
+    cells = {t: Cell(float(m), None if pd.isna(sd) else float(sd), int(n), few_seeds=bool(n < s["count"].max()))
+             for t, m, sd, n in s.itertuples()}
     return cells | {c.key: _aggregate(c, b, w) for c in cols if c.kind != "task"}
 
 
