@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import build_model, count_parameters
 from ..data import build_datasets
-from ..data.loader import EvalBatches, GlobalBatchSampler, TrainBatches  # noqa: F401 (re-exported)
+from ..data.loader import EvalBatches, TrainBatches
 from ..record import RESULTS, RunLogger, atomic_file, git_commit, versions, write_json_atomic
 from . import checkpoint, distributed, rundir
 from .signals import StopSignal, ignore_stop_signals_in_worker
