@@ -250,26 +250,30 @@ def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
     df = pd.DataFrame([dict(dataset=r.dataset, method=r.method, backbone=r.backbone, experiment=r.experiment or "",
                             view=v, protocol=VIEWS[v].protocol, task=r.task, seed=str(r.seed), fp=r.fingerprint,
                             path=r.path, rec=r, value=r.value(VIEWS[v]))
-                       for r in records for v in views if r.value(VIEWS[v]) is not None])
+                       for r in records for v in views if r.value(VIEWS[v]) is not None], dtype=object)
     rows, reported = [], set()
-    for (ds, method, backbone, exp, vk), g in (df.groupby(ROW_KEY, sort=False) if len(df) else ()):
+    if df.empty:
+        return rows
+    same = ROW_KEY + ["task", "seed", "fp"]
+    df["dup"] = df.duplicated(same, keep=False)
+    df["kept"] = ~df.duplicated(same, keep="last")
+    df["clash"] = df.kept & df[df.kept].duplicated(ROW_KEY + ["task", "seed"], keep=False).reindex(df.index, fill_value=False)
+    for (ds, method, backbone, exp, vk), g in df.groupby(ROW_KEY, sort=False):
         view = VIEWS[vk]
-        dups = g[g.duplicated(["task", "seed", "fp"], keep=False)]
-        for (task, seed, fp), d in dups.groupby(["task", "seed", "fp"], sort=False):
+        for (task, seed, fp), d in (g[g.dup].groupby(["task", "seed", "fp"], sort=False) if g.dup.any() else ()):
             if (ds, method, backbone, exp, view.protocol, task, seed, fp) not in reported:
                 reported.add((ds, method, backbone, exp, view.protocol, task, seed, fp))
                 notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={view.protocol} has "
                              f"{len(d)} records with the same config; kept {d.path.iloc[-1]}, ignored "
                              + ", ".join(d.path.iloc[:-1]))
-        kept = g.drop_duplicates(["task", "seed", "fp"], keep="last")
-        clashes = kept[kept.duplicated(["task", "seed"], keep=False)].groupby(["task", "seed"]).rec
+        clashes = g[g.clash].groupby(["task", "seed"]).rec if g.clash.any() else ()
         vkeys = sorted(set().union(*(varying(list(c)) for _, c in clashes)))
         if vkeys:
             notes.append(f"split: {ds} {method} {f'experiment={exp}' if exp else '(no experiment)'} {view.label}: "
                          f"records of the same task and seed differ in {', '.join(vkeys)}; one row per setting")
         by_variant: Dict[tuple, RowData] = {}
-        for r, value in zip(kept.rec, kept.value):
-            variant = tuple((k, _fmt_value(_get(r.config, k))) for k in vkeys)
+        for r, value in zip(g.rec[g.kept], g.value[g.kept]):
+            variant = tuple((k, _fmt_value(r.settings.get(k))) for k in vkeys)
             row = by_variant.setdefault(variant, RowData(ds, method, backbone, exp or None, view, variant))
             row.entries.append(Entry(r.task, r.seed, value, r))
         rows += by_variant.values()

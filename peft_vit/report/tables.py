@@ -133,53 +133,66 @@ def columns_for(b: Benchmark) -> List[Column]:
     return cols + ([Column("mean_of_groups", "mean of groups", "groups_mean")] if b.groups else [])
 
 
-def _aggregate(col: Column, b: Benchmark, w: pd.DataFrame) -> Cell:
-    """A mean column from ``w`` (seeds × tasks): the mean over its tasks of the task means (for
-    ``groups_mean`` the mean of the group means), only when every task is present; its std is
-    over the per-seed means, when every task has the same >= 2 seeds."""
-    span = b.groups[col.key] if col.kind == "group" else b.tasks
-    have = [t for t in span if t in w.columns]
-    if len(have) < len(span):
-        return Cell(incomplete=(len(have), len(span)), n=len(have))
+LONG = ["row", "task", "seed", "value", "head", "no_head"]  # one measurement of a table row
+
+
+def _cells(long: pd.DataFrame, b: Benchmark, cols: List[Column], rows: Sequence[int]) -> Dict[int, Dict[str, Cell]]:
+    """The cells of many rows at once from ``long`` (:data:`LONG`; one value per row, task and
+    seed). Task cells: mean, std and count over seeds. A mean column: the mean over its tasks of
+    the task means (``groups_mean``: of the group means), only when every task is present; its
+    std is over the per-seed means, when every task has the same >= 2 seeds."""
+    long = long[long.task.isin(b.tasks)]
+    st = long.groupby(["row", "task"]).value.agg(["mean", "std", "count"])  # std: ddof=1, NaN for one seed
+    most = st["count"].groupby(level="row").max()
+    cells: Dict[int, Dict[str, Cell]] = {r: {} for r in rows}
+    for (r, t), m, sd, n in st.itertuples():
+        cells[r][t] = Cell(float(m), None if pd.isna(sd) else float(sd), int(n), few_seeds=bool(n < most[r]))
+    means = st["mean"].unstack("task").reindex(index=list(rows), columns=b.tasks)   # rows × tasks
+    seeds = long.pivot(index=["row", "seed"], columns="task", values="value").reindex(columns=b.tasks)
     group_of = {t: g for g, ts in b.groups.items() for t in ts}
+    for c in cols[len(b.tasks):]:
+        span = b.groups[c.key] if c.kind == "group" else b.tasks
 
-    def agg(x: pd.DataFrame) -> pd.Series:  # one value per row of x
-        return x[span].T.groupby(group_of).mean().mean() if col.kind == "groups_mean" else x[span].mean(axis=1)
+        def agg(x: pd.DataFrame) -> pd.Series:  # one value per index entry of x
+            return x[span].T.groupby(group_of).mean().mean() if c.kind == "groups_mean" else x[span].mean(axis=1)
 
-    per_seed = w[span].dropna(how="all")
-    same_seeds = len(per_seed) >= 2 and per_seed.notna().all().all()
-    return Cell(float(agg(w.mean().to_frame().T).iloc[0]), _std(agg(per_seed)) if same_seeds else None, len(span))
-
-
-def _cells(w: pd.DataFrame, b: Benchmark, cols: List[Column]) -> Dict[str, Cell]:
-    """Every column's cell from ``w`` (seeds × tasks, NaN where a seed did not run a task)."""
-    w = w[[t for t in b.tasks if t in w.columns]]
-    s = w.agg(["mean", "std", "count"]).T  # std: ddof=1, NaN for one seed
-    cells = {t: Cell(float(m), None if pd.isna(sd) else float(sd), int(n), few_seeds=bool(n < s["count"].max()))
-             for t, m, sd, n in s.itertuples()}
-    return cells | {c.key: _aggregate(c, b, w) for c in cols if c.kind != "task"}
+        have = means[span].notna().sum(axis=1)
+        mean = agg(means)
+        per_seed = seeds[span].dropna(how="all")
+        same = per_seed.notna().all(axis=1).groupby(level="row").agg(["all", "size"])
+        std = agg(per_seed).groupby(level="row").std()
+        for r in rows:
+            ok = r in same.index and same.loc[r, "all"] and same.loc[r, "size"] >= 2
+            cells[r][c.key] = (Cell(float(mean[r]), float(std[r]) if ok else None, len(span)) if have[r] == len(span)
+                               else Cell(incomplete=(int(have[r]), len(span)), n=int(have[r])))
+    return cells
 
 
 def _seed_sort(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
-def our_row(row: RowData, b: Benchmark, cols: List[Column]) -> Row:
-    e = pd.DataFrame([dict(task=x.task, seed=str(x.seed), value=x.value,
-                           head=x.record.data.get("trainable_params", math.nan),
-                           no_head=x.record.data.get("trainable_params_no_head", math.nan)) for x in row.entries])
-    e = e[e.task.isin(b.tasks)]
-    w = e.pivot(index="seed", columns="task", values="value")
-    seeds = sorted(w.index, key=_seed_sort)
-    out = Row("ours", row.method, row.method_label, row.backbone, row.view.label, row.experiment or "",
-              variant=", ".join(f"{k}={v}" for k, v in row.variant), seeds=",".join(seeds),
-              cells=_cells(w.loc[seeds], b, cols))
-    p = e[e["head"].notna()]
-    if len(p):  # per task the mean over seeds, then the mean over the tasks present
-        m = p.groupby("task")[["head", "no_head"]].mean()
-        out.params_head = float(m["head"].mean()) / 1e6
-        out.params_no_head = None if p["no_head"].isna().any() else float(m["no_head"].mean()) / 1e6
-        out.params_partial = len(m) < len(b.tasks)
+def our_rows(rows: Sequence[RowData], b: Benchmark, cols: List[Column]) -> List[Row]:
+    long = pd.DataFrame([(i, e.task, str(e.seed), e.value, e.record.data.get("trainable_params", math.nan),
+                          e.record.data.get("trainable_params_no_head", math.nan))
+                         for i, rd in enumerate(rows) for e in rd.entries], columns=LONG)
+    cells = _cells(long, b, cols, range(len(rows)))
+    # params: per task the mean over seeds, then the mean over the tasks present
+    p = long[long.task.isin(b.tasks) & long["head"].notna()]
+    per_task = p.groupby(["row", "task"])[["head", "no_head"]].mean()
+    params = per_task.groupby(level="row").mean() / 1e6
+    params.loc[params.index.isin(p.row[p.no_head.isna()]), "no_head"] = math.nan  # a run without it: no mean
+    ntasks = per_task.groupby(level="row").size()
+    out = []
+    for i, rd in enumerate(rows):
+        seeds = sorted({str(e.seed) for e in rd.entries if e.task in b.tasks}, key=_seed_sort)
+        r = Row("ours", rd.method, rd.method_label, rd.backbone, rd.view.label, rd.experiment or "",
+                variant=", ".join(f"{k}={v}" for k, v in rd.variant), seeds=",".join(seeds), cells=cells[i])
+        if i in params.index:
+            head, no_head = params.loc[i]
+            r.params_head, r.params_no_head = float(head), None if pd.isna(no_head) else float(no_head)
+            r.params_partial = ntasks[i] < len(b.tasks)
+        out.append(r)
     return out
 
 
@@ -195,16 +208,19 @@ def paper_rows(b: Benchmark, cols: List[Column], paper: Optional[Dict[str, Any]]
     paper = paper if paper is not None else load_paper()
     out = []
     for p in paper.get(b.name) or []:
-        w = pd.DataFrame([{t: float(v) for t, v in p["acc"].items() if t in b.tasks}])
         r = Row("paper", p["method"], method_label(p["method"], p["backbone"]), p["backbone"],
                 paper.get("protocol", PAPER_PROTOCOL), p.get("cite") or p.get("source", ""), decimals=1,
-                cells=_cells(w, b, cols), params_printed=True)
+                params_printed=True)
         inc = p.get("params_include_head")
         if inc is False:
             r.params_no_head = float(p["params_m"])
         else:
             r.params_head, r.params_head_known = float(p["params_m"]), inc is True
         out.append(r)
+    long = pd.DataFrame([(i, t, "paper", float(v), math.nan, math.nan) for i, p in enumerate(paper.get(b.name) or [])
+                         for t, v in p["acc"].items()], columns=LONG)
+    for r, c in zip(out, _cells(long, b, cols, range(len(out))).values()):
+        r.cells = c
     return out
 
 
@@ -244,12 +260,12 @@ def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequenc
     b = benchmark_for(dataset, records)
     cols = columns_for(b)
     notes = list(notes or [])
-    ours = []
-    for rd in group_rows([r for r in records if r.dataset == dataset], views, notes):
+    rows_data = group_rows([r for r in records if r.dataset == dataset], views, notes)
+    for rd in rows_data:
         unknown = sorted({e.task for e in rd.entries} - set(b.tasks))
         if unknown:
             notes.append(f"ignored tasks not in {b.title}: {', '.join(unknown)} ({rd.method_label}, {rd.view.label})")
-        ours.append(our_row(rd, b, cols))
+    ours = our_rows(rows_data, b, cols)
     for r in ours:
         if any(r.cells[c.key].incomplete for c in cols if c.kind != "task"):
             notes.append(f"incomplete: {r.method_label} {r.protocol} {r.experiment}".rstrip()
