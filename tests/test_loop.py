@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,21 +73,39 @@ def test_skip_done(quick_run):
     assert "skip" in r.stdout and (d / "results.json").stat().st_mtime_ns == before
 
 
-def test_sigterm_then_relaunch_equals_uninterrupted(tmp_path):
-    args = ["method=full", "trainer.epochs=6", "trainer.eval_every=1", "trainer.checkpoint_every=0",
-            "model.drop_path_rate=0.1"]
+def _children(pid):
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def test_sigterm_to_process_group_with_workers_then_relaunch_equals_uninterrupted(tmp_path):
+    """As SLURM, `timeout` and container runtimes do: SIGTERM to every process of the run,
+    DataLoader workers included (2 workers decode the test images from their folder). The
+    workers ignore it, the main process checkpoints and exits; a re-launch ends bit-identical."""
+    from test_sweep_local import make_vtab
+
+    root = make_vtab(tmp_path / "vtab", tasks={"cifar": 100}, n_train=64, n_test=240)
+    args = ["method=full", "dataset=vtab/cifar", f"dataset.root={root}", "dataset.cache_dir=null",
+            "trainer.num_workers=2", "trainer.batch_size=16", "trainer.eval_batch_size=32", "trainer.epochs=5",
+            "trainer.eval_every=1", "trainer.checkpoint_every=0", "model.drop_path_rate=0.1"]
     ref = tmp_path / "ref"
     train(ref, *args)
     cut = tmp_path / "cut"
     cmd = [sys.executable, "train.py", *FAST, f"hydra.run.dir={cut}", *args]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    for line in p.stdout:  # stop in the middle of epoch 3, after two evaluations
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                         start_new_session=True)  # its own process group, as a job
+    for line in p.stdout:  # after two evaluations: in epoch 3's training or evaluation
         if "epoch 2:" in line:
             time.sleep(0.3)
-            p.send_signal(signal.SIGTERM)
+            workers = _children(p.pid)
+            os.killpg(p.pid, signal.SIGTERM)
             break
     out = p.communicate(timeout=120)[0]
+    assert len(workers) >= 2, workers  # the signal reached live workers too
     assert p.returncode == 128 + signal.SIGTERM, out
+    assert "checkpoint saved at epoch" in out and "killed by signal" not in out, out
     assert (cut / "checkpoint.pt").exists() and not (cut / "results.json").exists()
     r = train(cut, *args)
     assert "resumed from" in r.stdout

@@ -109,6 +109,24 @@ def evaluate(model: nn.Module, batches: EvalBatches, d: distributed.Dist, amp: O
     return acc
 
 
+def compile_enabled(value, device: torch.device) -> bool:
+    """``trainer.compile``: ``auto`` compiles on CUDA only (on CPU it is not measured to help),
+    ``true`` / ``false`` force it on or off."""
+    if value == "auto":
+        return device.type == "cuda"
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"trainer.compile={value!r}: choose auto (torch.compile on CUDA only), true or false")
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process, by its own metric (tracing, AOT
+    autograd and code generation of forward and backward graphs, recompiles included)."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
 def run(cfg: DictConfig) -> Dict:
     """Train and evaluate one run into its output dir, which it owns while it runs (a lock;
     rank 0 holds it under torchrun). With ``skip_done`` a results.json of the same configuration
@@ -171,6 +189,11 @@ def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, ov
     net = model
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # torch.compile the module that trains; ``model`` stays eager for state dicts, merge and report
+    compiled = compile_enabled(tcfg.get("compile", "auto"), d.device)
+    compile_s0 = compile_seconds()
+    if compiled:
+        net = torch.compile(net)
 
     # ---- resume
     ckpt_path = out_dir / CHECKPOINT
@@ -255,7 +278,11 @@ def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, ov
             train_time += time.time() - t0
             last = epoch + 1 == tcfg.epochs
             if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
-                acc = evaluate(net, eval_batches, d, amp)
+                # evaluation draws nothing from the training RNG (dropout, drop-path), whatever its
+                # loader does (a DataLoader without a generator seeds its workers from the global RNG,
+                # once per epoch or, with persistent workers, once per process: a resumed run would differ)
+                with torch.random.fork_rng(devices=[]):
+                    acc = evaluate(net, eval_batches, d, amp)
                 history.append({"epoch": epoch + 1, "acc": acc})
                 logger.log({f"eval/{eval_key}": acc, "epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch)
                 say(f"[peft-vit] epoch {epoch + 1}: {data.eval_split} acc {acc:.2f}%  [{cfg.protocol}]")
@@ -290,6 +317,7 @@ def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, ov
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_kind": "cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
         "world_size": d.world_size, "device": str(d.device),
+        "compiled": compiled, "compile_time_s": round(compile_seconds() - compile_s0, 2),
         "experiment": experiment, "sweep": sweep, "overrides": overrides,
         "git_commit": git_commit(), "versions": versions(),
         "config": run_cfg, "config_fingerprint": rundir.fingerprint(result_cfg),
