@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import pandas as pd
 from tabulate import DataRow, TableFormat
 
-from .collect import DEFAULT_BACKBONE, VIEW_ORDER, Record, RowData, _std, group_rows, method_label, method_rank
+from .collect import DEFAULT_BACKBONE, VIEW_ORDER, Record, RowData, group_rows, method_label, method_rank
 
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 PAPER_PROTOCOL = "paper: max test acc over epochs"
