@@ -122,12 +122,15 @@ def tune(methods: Sequence[str], out: Path, epochs: Optional[int], rerun: bool) 
     best = {m: float(max(rows, key=lambda lr: rows[lr]["mean"])) for m, rows in table.items()}
     lrs = {**current_lrs(), **best}
     write_lrs(lrs)
+    # merged into the file: methods tuned by another invocation (--methods) keep their entries
+    record = json.loads(TUNING_FILE.read_text()) if TUNING_FILE.is_file() else {"chosen": {}, "val_acc": {}}
+    record.update({"protocol": "tune (fit train800, score val200; last epoch)", "tasks": list(TUNE_TASKS),
+                   "epochs": epochs or "the experiment's", "selection": "best mean val accuracy over the tasks",
+                   "command": "python scripts/proxy_benchmark.py --tune"})
+    record["chosen"].update(best)
+    record["val_acc"].update(table)
     TUNING_FILE.parent.mkdir(parents=True, exist_ok=True)
-    TUNING_FILE.write_text(json.dumps({
-        "protocol": "tune (fit train800, score val200; last epoch)", "tasks": list(TUNE_TASKS),
-        "epochs": epochs, "selection": "best mean val accuracy over the tasks", "chosen": best, "val_acc": table,
-        "command": "python scripts/proxy_benchmark.py --tune",
-    }, indent=2) + "\n")
+    TUNING_FILE.write_text(json.dumps(record, indent=2) + "\n")
     print(f"tuned learning rates -> {EXPERIMENT.relative_to(REPO)} proxy_lr: {best}")
     return best
 
