@@ -2,6 +2,9 @@
 the transform are unchanged, rebuilt when any of them changes, never left half-written, decoded
 by a pool of processes, and memory-mapped for test sets."""
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +67,7 @@ def test_reuse_then_rebuild_on_changed_image_list_or_transform(tmp_path, task, m
     assert len(list(cache.glob("t-*.npy"))) == 2
 
 
-def test_killed_or_failed_build_leaves_no_cache(tmp_path, task):
+def test_killed_or_failed_build_leaves_no_cache_and_is_cleaned_up(tmp_path, task):
     cache = tmp_path / "cache"
     listing = read_list(task / "test.txt", 47)
     bad = task / "images" / "test" / "000003.jpg"
@@ -77,8 +80,21 @@ def test_killed_or_failed_build_leaves_no_cache(tmp_path, task):
     bad.write_bytes(good)
     path = folder.cache_path(listing, ResizeSquare(8), cache, "t")
     path.write_bytes(b"\x93NUMPY garbage")
+    # the temporary file of a killed writer on this host goes; a live writer's stays
+    host = socket.gethostname()
+    dead = path.with_name(f"{path.name}.tmp-{host}-{dead_pid()}")
+    live = path.with_name(f"{path.name}.tmp-{host}-{os.getppid()}")  # this process's parent: running
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
     images = decode_cached(listing, ResizeSquare(8), cache, "t")
     assert images.shape == (5, 3, 8, 8) and np.load(path).shape == (5, 3, 8, 8)
+    assert not dead.exists() and live.exists()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 def test_process_pool_equals_one_process(tmp_path):

@@ -13,9 +13,11 @@ Every error names the file and, for a listed image, the list file and line that 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
-import os
 import multiprocessing as mp
+import os
+import socket
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +247,20 @@ def _read_cache(path: Path, n: int, mmap: bool) -> Optional[np.ndarray]:
     return a if a.dtype == np.uint8 and a.ndim == 4 and a.shape[:2] == (n, 3) else None
 
 
+def _remove_dead_writes(path: Path) -> None:
+    """Temporary files of ``path`` left by killed runs of this host (up to 11 GB each)."""
+    prefix = f"{path.name}.tmp-{socket.gethostname()}-"
+    for t in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = t.name[len(prefix):]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                t.unlink(missing_ok=True)
+            except PermissionError:  # alive, another user's
+                pass
+
+
 def decode_cached(listing: Listing, transform: Callable, cache_dir: Optional[str] = None, name: str = "images",
                   mmap: bool = False, workers: Optional[int] = None) -> torch.Tensor:
     """:func:`decode_all` as a uint8 tensor (N, 3, H, W). With ``cache_dir`` it is stored in
@@ -258,7 +274,8 @@ def decode_cached(listing: Listing, transform: Callable, cache_dir: Optional[str
     images = _read_cache(path, len(listing), mmap)
     if images is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        _remove_dead_writes(path)
+        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
             arr = decode_all(listing, transform, workers,
                              out=lambda shape: np.lib.format.open_memmap(tmp, "w+", np.uint8, shape))
