@@ -108,9 +108,8 @@ class TrainBatches:
         for b in batches:
             idx = index[lo:lo + len(b)]
             x = self.images[idx]  # uint8: flipping before normalising moves a quarter of the bytes
-            if flips is not None:
-                f = flips[lo:lo + len(b)]
-                x[f] = x[f].flip(-1)
+            if flips is not None:  # a select, not a masked write: no wait for the device
+                x = torch.where(flips[lo:lo + len(b)].view(-1, 1, 1, 1), x.flip(-1), x)
             lo += len(b)
             yield normalize(x, self.mean, self.std), self.labels[idx]
 
@@ -138,7 +137,7 @@ class EvalBatches:
     def _read(self, lo: int) -> torch.Tensor:
         part = self.images[lo:lo + self.batch_size]
         if self.device.type != "cuda":
-            return part
+            return part.clone()
         return torch.empty(part.shape, dtype=torch.uint8, pin_memory=True).copy_(part)
 
     def __iter__(self) -> Iterator[Batch]:
