@@ -13,6 +13,10 @@ It touches the ViT only through two helpers:
 * :func:`replace_module` swaps a parameter-free module (a dropout, a drop-path) for another one
   that names its inference-time replacement via ``merged_replacement()``.
 
+For lean training steps a method may also keep its parameters in a :class:`ParamPack` (a few
+flat tensors instead of many small ones) and compute its factors for many Linears at once in a
+:class:`BatchedDeltas` (see householder.py, kadaptation.py, rlrr.py).
+
 Everything a method adds is a :class:`PeftModule`; after injection exactly those, plus the
 classifier head, are trainable (a method may widen that set, e.g. ``full``).
 
@@ -210,7 +214,9 @@ class AdaptedLinear(nn.Module):
     ``blocks`` maps a block name to its output rows ``(start, stop)``; the whole matrix is the
     block ``"all"``. With ``weight_space=True`` the forward builds ``W + ΔW`` and runs one
     matmul (cheaper for methods whose ΔW depends on W, such as RLRR); otherwise it adds the
-    deltas' outputs to the frozen output, which needs no weight gradient at all.
+    deltas' outputs to the frozen output (a block's with ``index_add`` on its rows), which needs
+    no weight gradient at all. A method may serve it from a :class:`BatchedDeltas` instead: all
+    its blocks in one update, with factors computed for many Linears at once.
     """
 
     def __init__(self, base: nn.Linear, weight_space: bool = False):
