@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on localhost, with accounting, for tests and for trying the
-# sweep presets (configs/hydra/launcher/slurm.yaml) on one machine.
+# A private single-node SLURM cluster on localhost, with accounting, for tests and for trying
+# the sweep presets (configs/hydra/launcher/slurm.yaml) on one machine.
 #
 #   scripts/slurm_local.sh start    # install (Debian/Ubuntu, root) + start; idempotent
+#   scripts/slurm_local.sh env      # prints: export SLURM_CONF=...  (eval it to use the cluster)
 #   scripts/slurm_local.sh status   # daemons, sinfo, squeue
 #   scripts/slurm_local.sh stop     # stop the daemons this script started (by pid file)
 #
@@ -13,21 +14,31 @@
 #   partition `local` (default). No GPUs are declared: run presets with
 #   hydra.launcher.gpus_per_node=null.
 #
+# Private: it never reads or writes /etc/slurm, /etc/munge or a system MariaDB. Its configs
+# (slurm.conf, slurmdbd.conf), munge key and socket, database, state and logs all live in
+# $SLURM_LOCAL_DIR, and its daemons listen on their own ports (slurmctld 16817, slurmd 16818,
+# slurmdbd 16819, MariaDB 16306, all on 127.0.0.1), so it runs beside a real SLURM install
+# without touching it. SLURM commands reach it only with SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf
+# (see `env`); without it they talk to whatever cluster the machine belongs to.
+#
 # Fast requeue for tests: AuthInfo=cred_expire=10 and SchedulerParameters=bf_interval=1,
 # sched_interval=2 (the defaults make a requeued job wait ~2 min).
 #
 # Environment:
-#   SLURM_LOCAL_DIR   state, logs, pid files (default /var/tmp/peft-vit-slurm)
+#   SLURM_LOCAL_DIR   configs, state, logs, pid files (default /var/tmp/peft-vit-slurm)
 #   SLURM_LOCAL_NO_DBD=1   skip mariadb/slurmdbd (no accounting; sacct then fails)
-#   SLURM_LOCAL_FORCE=1    overwrite an /etc/slurm/slurm.conf this script did not write
 set -euo pipefail
 
 STATE=${SLURM_LOCAL_DIR:-/var/tmp/peft-vit-slurm}
-ETC=/etc/slurm
-CONF=$ETC/slurm.conf
-DBDCONF=$ETC/slurmdbd.conf
+CONF=$STATE/slurm.conf
+DBDCONF=$STATE/slurmdbd.conf       # slurmdbd reads it from SLURM_CONF's directory
+MUNGE=$STATE/munge
+MUNGE_SOCKET=$MUNGE/munge.socket
+DB=$STATE/mysql
+CTLD_PORT=16817 SLURMD_PORT=16818 DBD_PORT=16819 DB_PORT=16306
 MARK="# written by peft-vit scripts/slurm_local.sh"
 CLUSTER=peftvit
+export SLURM_CONF=$CONF
 PARTITION=local
 NODE=$(hostname -s)
 USE_DBD=$([ "${SLURM_LOCAL_NO_DBD:-0}" = 1 ] && echo 0 || echo 1)
@@ -67,10 +78,7 @@ install_packages() {
 }
 
 write_configs() {
-    if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF" && [ "${SLURM_LOCAL_FORCE:-0}" != 1 ]; then
-        die "$CONF exists and was not written by this script (a real cluster?); set SLURM_LOCAL_FORCE=1 to replace it"
-    fi
-    mkdir -p "$ETC" "$STATE/ctld" "$STATE/d"
+    mkdir -p "$STATE/ctld" "$STATE/d"
     # the node as slurmd sees it: CPUs, sockets, cores, threads, memory (leave 1 GB to the OS)
     local hw mem
     hw=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//')
@@ -79,8 +87,10 @@ write_configs() {
     local acct="AccountingStorageType=accounting_storage/none"
     if [ "$USE_DBD" = 1 ]; then
         acct="AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort=6819"
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+# for accounting_storage/slurmdbd: the munge socket to reach slurmdbd with
+AccountingStoragePass=$MUNGE_SOCKET"
     fi
     cat >"$CONF.tmp" <<EOF
 $MARK
@@ -91,8 +101,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job restarts after cred_expire (default 120 s)
-AuthInfo=cred_expire=10
+# this cluster's own munged; a requeued job restarts after cred_expire (default 120 s)
+AuthInfo=cred_expire=10,socket=$MUNGE_SOCKET
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -116,8 +126,8 @@ SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 NodeName=$NODE NodeAddr=127.0.0.1 $hw RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -126,13 +136,16 @@ EOF
         cat >"$DBDCONF.tmp" <<EOF
 $MARK
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
-DbdPort=6819
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
 SlurmUser=root
 LogFile=$STATE/slurmdbd.log
 PidFile=$STATE/slurmdbd.pid
 StorageType=accounting_storage/mysql
-StorageHost=localhost
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
 StorageUser=slurm
 StoragePass=slurm
 StorageLoc=slurm_acct_db
@@ -142,34 +155,41 @@ EOF
     fi
 }
 
-start_munge() {
-    if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
-    [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 2>/dev/null; }
-    chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
-    mkdir -p /run/munge /var/lib/munge /var/log/munge
-    chown munge:munge /run/munge /var/lib/munge /var/log/munge
+munge_up() { munge -S "$MUNGE_SOCKET" -n | unmunge -S "$MUNGE_SOCKET"; }
+
+start_munge() {  # this cluster's own munged: own key, socket, pid and log files
+    if munge_up >/dev/null 2>&1; then return 0; fi
+    mkdir -p "$MUNGE"
+    chmod 700 "$MUNGE"
+    [ -s "$MUNGE/munge.key" ] || { dd if=/dev/urandom of="$MUNGE/munge.key" bs=1 count=1024 2>/dev/null; }
+    chmod 400 "$MUNGE/munge.key"
     log "starting munged"
-    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-    wait_for 20 munged sh -c 'munge -n | unmunge'
+    munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE/munge.key" --pid-file="$MUNGE/munged.pid" \
+        --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed"
+    wait_for 20 munged munge_up
 }
 
-mariadb_up() { mariadb-admin --protocol=socket -uroot ping; }
+mariadb_up() { mariadb-admin --no-defaults --protocol=socket --socket="$DB/mysqld.sock" -uroot ping; }
 
-start_mariadb() {
-    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+start_mariadb() {  # a private MariaDB: own data dir, socket and port (not the system one)
     if ! mariadb_up >/dev/null 2>&1; then
-        if [ ! -d /var/lib/mysql/mysql ]; then
-            log "initialising /var/lib/mysql"
-            mariadb-install-db --user=mysql --datadir=/var/lib/mysql >"$STATE/mariadb-install.log" 2>&1
+        if [ ! -d "$DB/data/mysql" ]; then
+            log "initialising $DB"
+            mkdir -p "$DB/data"
+            chown -R mysql:mysql "$DB"
+            mariadb-install-db --no-defaults --user=mysql --datadir="$DB/data" --auth-root-authentication-method=socket \
+                >"$STATE/mariadb-install.log" 2>&1
         fi
         log "starting mariadbd"
-        nohup /usr/sbin/mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
-            --pid-file=/run/mysqld/mariadb.pid --bind-address=127.0.0.1 --innodb-buffer-pool-size=64M \
+        nohup /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB/data" --socket="$DB/mysqld.sock" \
+            --pid-file="$DB/mariadb.pid" --port=$DB_PORT --bind-address=127.0.0.1 --innodb-buffer-pool-size=64M \
             >"$STATE/mariadb.log" 2>&1 &
         wait_for 60 mariadbd mariadb_up
     fi
-    mariadb --protocol=socket -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
-        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
+    mariadb --no-defaults --protocol=socket --socket="$DB/mysqld.sock" -uroot -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+        CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+        FLUSH PRIVILEGES;"
 }
 
 start_slurmdbd() {
@@ -231,13 +251,13 @@ cmd_stop() {
     stop_pidfile slurmd "$STATE/slurmd.pid"
     stop_pidfile slurmctld "$STATE/slurmctld.pid"
     stop_pidfile slurmdbd "$STATE/slurmdbd.pid"
-    stop_pidfile mariadbd /run/mysqld/mariadb.pid
-    stop_pidfile munged /run/munge/munged.pid
+    stop_pidfile mariadbd "$DB/mariadb.pid"
+    stop_pidfile munged "$MUNGE/munged.pid"
 }
 
 cmd_status() {
     local rc=0 name f
-    for name in munged:/run/munge/munged.pid mariadbd:/run/mysqld/mariadb.pid slurmdbd:$STATE/slurmdbd.pid \
+    for name in munged:$MUNGE/munged.pid mariadbd:$DB/mariadb.pid slurmdbd:$STATE/slurmdbd.pid \
                 slurmctld:$STATE/slurmctld.pid slurmd:$STATE/slurmd.pid; do
         f=${name#*:}
         if pid_alive "$f"; then echo "${name%%:*}: running (pid $(cat "$f"))"; else echo "${name%%:*}: stopped"; rc=1; fi
@@ -250,6 +270,7 @@ cmd_status() {
 
 case "${1:-}" in
     start) cmd_start ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     restart) cmd_stop; cmd_start ;;

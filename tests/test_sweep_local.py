@@ -28,7 +28,9 @@ FAST = ["model=vit_tiny_test", "logger=none", "trainer.num_workers=0", "trainer.
 def job_env() -> Dict[str, str]:
     """Environment for train.py and its jobs: offline, one thread each (2 jobs on 2 cores, and
     results that do not depend on how many jobs share the machine)."""
-    env = dict(os.environ)
+    # no ambient SLURM job or cluster settings leak in; SLURM_CONF is the private test cluster's
+    # (set by test_slurm.py's slurm_cluster fixture) or absent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
                PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
     return env
