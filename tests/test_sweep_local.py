@@ -140,6 +140,26 @@ def test_local_relaunch_runs_nothing(local_sweep):
     assert set((sweep / ".submitit").iterdir()) == jobs_before  # nothing even started
 
 
+def test_local_relaunch_with_another_config_is_refused_not_skipped(local_sweep):
+    """The same sweep dir, re-launched after a setting changed (as when a preset is edited; here
+    optim.lr, kept out of the job dir names): the launcher's skip_done compares config
+    fingerprints as the loop does, so the old records are neither returned nor overwritten, and
+    nothing is submitted; the error names the key that differs."""
+    sweep, cmd, first = local_sweep
+    assert first.returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in results(sweep)}
+    jobs_before = set((sweep / ".submitit").iterdir())
+    exclude = ("hydra.job.config.override_dirname.exclude_keys=[hydra/launcher,logger,logger.mode,"
+               "trainer.num_workers,trainer.progress,paths.output_root,paths.data_dir,paths.cache_dir,"
+               "dataset.cache_dir,optim.lr]")
+    p = run([*cmd, "optim.lr=0.5", exclude], timeout=300)
+    log = p.stdout + p.stderr
+    assert p.returncode != 0, log[-3000:]
+    assert log.count("[refused: ") == 4 and "optim.lr: " in log and "-> 0.5" in log, log[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in results(sweep)} == before
+    assert set((sweep / ".submitit").iterdir()) == jobs_before  # nothing submitted
+
+
 def _children(pid: int) -> List[int]:
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
