@@ -226,3 +226,26 @@ def test_second_launch_into_a_live_run_dir_exits_naming_the_owner(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_stop_signal_flags_then_second_ctrl_c_interrupts():
+    import signal
+
+    from peft_vit.engine.signals import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # flagged; the loop checkpoints at the next boundary
+        stop.signum = None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: at once
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(SystemExit) as e:  # no earlier handler to hand it to: exit 128 + signum
+            stop.forward()
+        assert e.value.code == 128 + signal.SIGINT
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
