@@ -57,8 +57,10 @@ MODELS = {
     "tiny": dict(name="vit_tiny_patch16_224", pretrained=False, checkpoint=None, num_classes=10, drop_path_rate=0.0,
                  img_size=32, overrides=dict(patch_size=4, depth=2, embed_dim=64, num_heads=4)),
 }
-# --ops: the tiny ViT with ViT-B's 12 blocks (the count grows with depth, not width)
+# --ops: the tiny ViT with ViT-B's 12 blocks (the count grows with depth, not width); as
+# ``--model tiny12`` a CPU step time dominated by per-op overhead, as small steps are on a GPU
 OPS_MODEL = dict(MODELS["tiny"], overrides=dict(MODELS["tiny"]["overrides"], depth=12))
+MODELS["tiny12"] = OPS_MODEL
 
 
 def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = None, batch: int = 2) -> int:

@@ -49,3 +49,15 @@ def test_exact_rss_is_labelled_and_not_judged():
              device_name="cpu", threads=1, batch=1, steps=1, warmup=0)
     text = benchmark.table([dict(r, method="full", step_time_s=1.0), r])
     assert "not judged" in text and "MISSED" not in text and "cpu_peak_rss_exact" in text
+
+
+def test_ops_mode_prints_counts_ratios_and_budgets(tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    results = benchmark.main(["--ops", "--methods", "full", "lora", "--out", str(out)])
+    counts = {r["method"]: r["ops_per_step"] for r in results}
+    assert counts["full"] == benchmark.count_step_ops("full") and counts["lora"] < counts["full"]
+    table = capsys.readouterr().out
+    lora_row = next(line for line in table.splitlines() if line.startswith("lora"))
+    assert f"{counts['lora']:,}" in lora_row and f"{counts['lora'] / counts['full']:.2f}" in lora_row
+    assert "≤1.0× full: ok" in lora_row
+    assert json.loads(out.read_text())["ops_per_step"] == counts
