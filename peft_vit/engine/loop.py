@@ -7,9 +7,12 @@ The reported accuracy is the last epoch's. ``best_acc_over_epochs`` (the maximum
 epochs, what most papers report) is recorded too, labelled with the split it selects on.
 
 Resumable: a checkpoint is saved every ``trainer.checkpoint_every`` epochs and when the process
-is told to stop (SIGTERM, or submitit's SIGUSR2); a re-launch with the same output dir continues
-from it and ends bit-identical on CPU. Batches and augmentations are functions of
-(seed, epoch, position), so a resumed run and a DDP run see the same images as a plain run.
+is told to stop (SIGTERM, SIGINT, or submitit's SIGUSR2; at the next step boundary or after the
+evaluation in progress; DataLoader workers ignore these signals, see ``signals.py``); a
+re-launch with the same output dir continues from it (``trainer.resume``) and ends bit-identical
+on CPU. Batches and augmentations are functions of (seed, epoch, position), so a resumed run and
+a DDP run see the same images as a plain run. A run owns its output dir while it runs (a lock),
+and checkpoints and records of another configuration are refused (``rundir.py``).
 """
 from __future__ import annotations
 
