@@ -98,3 +98,44 @@ def test_report_ranks_and_heatmap(tmp_path):
 def test_learns_digits():
     acc = digits_accuracy(build("householder"))
     assert acc > 0.3, acc  # chance is 0.10; the linear probe on this random backbone gets ~0.15
+
+
+def _randomised(model):
+    with torch.no_grad():  # d = 0 and W_up = 0 at start: give every factor a visible effect
+        for n, p in model.named_parameters():
+            if n.startswith("householder_pack.") and n.endswith((".d", ".w_up")):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kw", [{}, dict(targets="qv"), dict(targets="qkvo_mlp"), dict(rank=0),
+                                dict(reflection="printed"), dict(targets=["v", "q"], rank=2)])
+def test_batched_step_equals_matrix_by_matrix(kw, tiny_input):
+    """The model's forward computes every factor at once (a forward pre-hook); forward_features
+    alone (no hook) runs each HouseholderDelta on its own: same outputs and gradients."""
+    model = _randomised(build("householder", **kw)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batched = model(tiny_input)
+    g_batched = torch.autograd.grad(batched.square().sum(), params)
+    one_by_one = model.forward_head(model.forward_features(tiny_input))
+    g_one = torch.autograd.grad(one_by_one.square().sum(), params)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_batched, g_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_dropout_masks_each_block_and_averages_to_eval():
+    model = _randomised(build("householder", dropout=0.3))
+    qkv, batched = model.blocks[0].attn.qkv, model.householder_batched
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        model.eval()
+        ref = qkv(x)
+        model.train()
+        batched._cache = batched.compute()
+        draws = torch.stack([batched.forward_linear(qkv, qkv.__dict__["_batched"][1], x) for _ in range(3000)])
+        batched._cache = None
+        xg = batched.dropout(x.reshape(-1, 64).expand(3, 5, 64))
+    assert not torch.equal(draws[0], draws[1])
+    assert not torch.equal(xg[0] == 0, xg[1] == 0)  # q, k and v draw their own masks
+    torch.testing.assert_close(draws.mean(0), ref, atol=0.06, rtol=0)

@@ -139,11 +139,13 @@ class HouseholderBatched(BatchedDeltas):
     with no slicing; the diagonal terms ``x[:k] ⊙ d`` of all blocks are one product, added to
     the rows they belong to."""
 
-    def __init__(self, pack, units, orthogonal: bool):
+    def __init__(self, pack, units, orthogonal: bool, dropout: float = 0.0):
         # units: [(layers: [[AdaptedLinear, ...] per layer]), ...], every layer the same sequence
         super().__init__([lin for layers in units for lin in zip(*layers) for lin in lin])
         self.__dict__["pack"] = pack  # a plain reference: the pack is registered on the model
         self.orthogonal = orthogonal
+        # adapter dropout: every block draws its own mask, as one HouseholderDelta each would
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.units = []  # per unit: (L, M, [(G, nb, size, whole) per Linear of a layer])
         self.where: List[tuple] = []  # per Linear (in the order given above): (unit, segment)
         for u, layers in enumerate(units):
@@ -176,7 +178,8 @@ class HouseholderBatched(BatchedDeltas):
                           for t, dim in ((vin.transpose(1, 2), 2), (vout, 1), (d, 1))))
             for j, (vin_j, vout_j, d_j) in enumerate(parts):
                 G, nb, size, _ = segs[j]
-                vin_j = vin_j.reshape(L, -1, G * R)
+                # (in, G·R) for one matmul; with dropout (G, in, R) for one matmul per block's input
+                vin_j = vin_j.reshape(L, -1, G * R) if self.dropout is None else vin_j.permute(0, 2, 1, 3)
                 if nb > 1 or G > 1:
                     vout_j = (vout_j.unsqueeze(3) * getattr(self, f"onehot_{u}_{j}")).reshape(L, G * R, nb * size)
                 out.extend(zip(vin_j.unbind(0), vout_j.reshape(L, G * R, -1).unbind(0), d_j.reshape(L, -1).unbind(0)))
@@ -189,11 +192,17 @@ class HouseholderBatched(BatchedDeltas):
         if x.dtype != vin.dtype:
             vin, vout, d = vin.to(x.dtype), vout.to(x.dtype), d.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(lin.base(x2), x2 @ vin, vout)  # frozen output + low-rank terms
         k = d.shape[-1] // G
-        xk = x2 if x2.shape[-1] == k else x2[:, :k]
-        if G > 1:
-            xk = xk.repeat(1, G)
+        if self.dropout is None:
+            y = torch.addmm(lin.base(x2), x2 @ vin, vout)  # frozen output + low-rank terms
+            xk = x2 if x2.shape[-1] == k else x2[:, :k]
+            if G > 1:
+                xk = xk.repeat(1, G)
+        else:  # (G, N, in): each block's own dropout mask on the adapter input
+            xg = self.dropout(x2.expand(G, *x2.shape))
+            h = torch.bmm(xg, vin).transpose(0, 1).reshape(x2.shape[0], -1)
+            y = torch.addmm(lin.base(x2), h, vout)
+            xk = (xg if xg.shape[-1] == k else xg[..., :k]).transpose(0, 1).reshape(x2.shape[0], -1)
         if whole:  # every row of the output has its diagonal term
             y = torch.addcmul(y, xk, d)
         else:
@@ -232,8 +241,8 @@ class Householder(Method):
         # a Linear's deltas in output-row order, Linears in layer order: contiguous in the pack
         pack = pack_parameters(model, [[d for seq in seqs for lin in seq for d in _ordered(lin)] for seqs in units],
                                name="householder_pack")
-        if self.dropout == 0.0:  # with adapter dropout each block draws its own mask: deltas one by one
-            attach_batched(model, "householder_batched", HouseholderBatched(pack, units, self.reflection == "orthogonal"))
+        attach_batched(model, "householder_batched",
+                       HouseholderBatched(pack, units, self.reflection == "orthogonal", self.dropout))
 
     # ------------------------------------------------------------------ diagnostics
 
