@@ -116,3 +116,21 @@ def test_alpha_scales():
 def test_learns_digits():
     acc = digits_accuracy(build("lora"))
     assert acc > 0.3, acc  # chance 0.10; linear probe on this random backbone ~0.15
+
+
+def test_q_v_batched_step_equals_block_by_block(tiny_input):
+    """q and v of every layer run together (a forward pre-hook batches them); forward_features
+    alone (no hook) runs each block's LoRA on its own: same outputs and gradients."""
+    model = build("lora", dropout=0.0, targets=["v", "q"], alpha=16.0).train()  # scale 2
+    with torch.no_grad():
+        for d in model.modules():
+            if isinstance(d, LoRADelta):
+                d.lora_B.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batched = model(tiny_input)
+    g_batched = torch.autograd.grad(batched.square().sum(), params)
+    one_by_one = model.forward_head(model.forward_features(tiny_input))
+    g_one = torch.autograd.grad(one_by_one.square().sum(), params)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_batched, g_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
