@@ -13,6 +13,8 @@ point lies at the same place of the run whatever checkpoint an attempt resumed f
   written, not yet renamed)
 * ``weights`` / ``record``: half-way through writing trainable.safetensors / results.json
 * ``after_record``: right after results.json is in place, before the checkpoint is removed
+* ``term_eval``, g: not a kill: SIGTERM arrives during the evaluation that follows step g (the
+  run is to finish that evaluation, checkpoint and exit with 143)
 
 Attempts are forked from this process once torch, timm and Hydra are imported, so a re-launch
 costs a fork, not an interpreter start. Prints one JSON line: attempts, kills and exit codes.
@@ -57,6 +59,8 @@ def arm(phase: str, position):
     evaluate = loop.evaluate
 
     def hooked_evaluate(*a, **k):
+        if phase == "term_eval" and state["gstep"] == position:
+            os.kill(os.getpid(), signal.SIGTERM)
         acc = evaluate(*a, **k)
         if phase == "eval" and state["gstep"] == position:
             die()
@@ -118,9 +122,10 @@ def main():
     codes = []
     for point in plan + [None]:
         codes.append(attempt(point, overrides))
-        if point is None or codes[-1] != -signal.SIGKILL:
+        if point is None or codes[-1] not in (-signal.SIGKILL, 128 + signal.SIGTERM):
             break
-    print(json.dumps({"attempts": len(codes), "kills": sum(c == -signal.SIGKILL for c in codes), "codes": codes}))
+    print(json.dumps({"attempts": len(codes), "kills": sum(c == -signal.SIGKILL for c in codes),
+                      "terms": sum(c == 128 + signal.SIGTERM for c in codes), "codes": codes}))
 
 
 if __name__ == "__main__":

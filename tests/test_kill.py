@@ -1,6 +1,8 @@
 """SIGKILL a run at random points (training, evaluation, the checkpoint write, the weights and
 record writes, right after the record) and re-launch it each time until it finishes: the final
-record and weights equal an uninterrupted run's, and nothing half-written is left behind.
+record and weights equal an uninterrupted run's, and nothing half-written is left behind. One
+attempt gets a SIGTERM during an evaluation instead: it finishes the evaluation, checkpoints
+and exits.
 The attempts are driven by tests/kill_driver.py (forked re-launches, kill points by position)."""
 import json
 import os
@@ -25,13 +27,15 @@ SAME = ["val_acc", "best_acc_over_epochs", "best_epoch", "history", "trainable_p
 
 
 def plan(seed: int):
-    """12 kill points along the run, in run order (positions are global optimiser steps)."""
+    """12 kill points along the run and, before the last epoch, a SIGTERM during an evaluation:
+    in run order (positions are global optimiser steps)."""
     rng = random.Random(seed)
     total = EPOCHS * STEPS
     points = [("train", g) for g in rng.sample(range(1, total + 1), 5)]
     points += [("eval", e * STEPS) for e in rng.sample(range(1, EPOCHS + 1), 2)]
     points += [("ckpt", e * STEPS) for e in rng.sample(range(1, EPOCHS), 2)]  # no checkpoint after the last epoch
-    order = {"train": 0, "eval": 1, "ckpt": 2}
+    points.append(("term_eval", (EPOCHS - 1) * STEPS))
+    order = {"train": 0, "eval": 1, "ckpt": 2, "term_eval": 3}
     points.sort(key=lambda p: (p[1], order[p[0]]))
     return points + [("weights", None), ("record", None), ("after_record", None)]
 
@@ -48,15 +52,18 @@ def drive(run_dir, points, tmp_path):
 def test_sigkill_at_random_points_then_relaunch_equals_uninterrupted(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     summary, _ = drive(ref, [], tmp_path)
-    assert summary == {"attempts": 1, "kills": 0, "codes": [0]}
+    assert summary == {"attempts": 1, "kills": 0, "terms": 0, "codes": [0]}
     points = plan(seed=11)
     summary, log = drive(cut, points, tmp_path)
-    # every planned point was reached and killed the run; the last attempt finished
-    assert summary["kills"] == len(points) >= 10 and summary["attempts"] == len(points) + 1, summary
-    assert summary["codes"][-1] == 0, log[-3000:]
-    print(f"\nkill test: {summary['kills']} kill points, {summary['attempts'] - 1} re-launches: {points}")
+    kills = len(points) - 1
+    # every planned point was reached (killed or stopped the run); the last attempt finished
+    assert summary["kills"] == kills >= 10 and summary["terms"] == 1, summary
+    assert summary["attempts"] == len(points) + 1 and summary["codes"][-1] == 0, log[-3000:]
+    # the SIGTERM during evaluation 2 was handled after it
+    assert f"signal 15: checkpoint saved at epoch {EPOCHS - 1}, step 0" in log, log[-3000:]
+    print(f"\nkill test: {kills} kill points, {summary['attempts'] - 1} re-launches: {points}")
     # the killed runs' locks were taken over, their half-written files removed
-    assert log.count("took over the lock") == len(points), log[-3000:]
+    assert log.count("took over the lock") == kills, log[-3000:]
     assert "removed" in log and ".checkpoint.pt." in log and ".results.json." in log
     assert "skip:" in log  # the attempt killed after its record only had the checkpoint to remove
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, cut))
