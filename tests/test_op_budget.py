@@ -24,6 +24,12 @@ def test_method_within_its_op_budget(method, full_ops):
     assert n <= budget, f"{method}: {n} ops per step, budget {budget:.0f} ({benchmark.OP_BUDGETS[method]}× full)"
 
 
+@pytest.mark.parametrize("method,kw", [("lora", {"targets": ["q", "v"]}), ("householder", {"targets": "qv"})])
+def test_fused_block_variants_within_full(method, kw, full_ops):
+    """Several blocks of the fused qkv run as one update: no more ops than full fine-tuning."""
+    assert benchmark.count_step_ops(method, kw) <= full_ops
+
+
 def test_count_is_deterministic_and_sees_the_method(full_ops):
     assert benchmark.count_step_ops("full") == full_ops
     # the linear probe stops its backward at the head: far fewer ops than full fine-tuning
