@@ -14,8 +14,10 @@ The official "drop path" is element-wise dropout on each residual branch, rising
 0 → ``drop`` over the blocks; it replaces the backbone's drop-path modules (``drop: null`` keeps
 the backbone's own stochastic depth instead).
 
-The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``); merging is the
-same code. SSF after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
+The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``): for a Linear
+whose blocks are all adapted (q, k, v of the fused qkv) W' of all blocks is one broadcast op
+(:class:`RLRRBatched`); merging builds the same W' block by block. Each block's RLRR and SSF
+parameters live in one flat tensor (``blocks.i.rlrr_pack``), read as views under their names. SSF after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
 runs one LayerNorm with the folded affine, so the LayerNorm's output is not stored twice); after the
 patch embedding it folds into the patch-projection conv (or the embedding's norm, when it has one).
 """
