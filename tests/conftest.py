@@ -132,9 +132,6 @@ def digits_accuracy(model, epochs=8, lr=5e-3, batch=50):
         return (model(x[1000:]).argmax(-1) == y[1000:]).float().mean().item()
 
 
-_slurm_skipped = []
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests that use the `slurm_cluster` fixture are skipped unless PEFT_VIT_SLURM_TESTS=1."""
     if SLURM_TESTS:
@@ -143,9 +140,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(mark)
-            _slurm_skipped.append(item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _slurm_skipped:
-        terminalreporter.write_line(f"skipped {len(_slurm_skipped)} SLURM cluster tests: {SLURM_HOW}", yellow=True)
+    n = sum("SLURM cluster test:" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
+    if n:
+        terminalreporter.write_line(f"skipped {n} SLURM cluster tests: {SLURM_HOW}", yellow=True)

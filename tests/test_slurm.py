@@ -174,6 +174,14 @@ def _private_config() -> dict:
     return conf
 
 
+def _check_private_cluster() -> None:
+    """Before any submission: the cluster SLURM_CONF leads to is the private test cluster."""
+    conf = _private_config()
+    got = {k: conf.get(k) for k in PRIVATE}
+    assert got == PRIVATE, f"not the private test cluster of scripts/slurm_local.sh: {got}; refusing to submit"
+    assert "127.0.0.1" in conf.get("SlurmctldHost[0]", ""), conf.get("SlurmctldHost[0]")
+
+
 def _accounting() -> bool:
     """sacct works (scripts/slurm_local.sh runs slurmdbd unless SLURM_LOCAL_NO_DBD=1)."""
     return subprocess.run(["sacct", "-n", "-X", "-S", "now"], env=job_env(), capture_output=True).returncode == 0
@@ -198,9 +206,7 @@ def slurm_cluster():
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = PRIVATE["SLURM_CONF"]  # job_env() passes it to every command and job
     try:
-        conf = _private_config()
-        assert {k: conf.get(k) for k in PRIVATE} == PRIVATE, f"not the private test cluster: {conf}"
-        assert "127.0.0.1" in conf.get("SlurmctldHost[0]", ""), conf.get("SlurmctldHost[0]")
+        _check_private_cluster()
         yield
     finally:
         if old is None:
@@ -209,6 +215,41 @@ def slurm_cluster():
             os.environ["SLURM_CONF"] = old
         if not running:
             subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _fake_slurm_bin(tmp_path: Path, scontrol_out: str = "") -> Path:
+    """A bin dir whose SLURM, apt and daemon commands only record that they were called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun", "squeue", "sacct", "sinfo", "scancel", "scontrol", "apt-get", "slurmctld",
+                 "slurmd", "munged", "mariadbd", "slurmdbd"):
+        out = scontrol_out if name == "scontrol" else ""
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {tmp_path / 'called'}\nprintf '%s' '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def test_plain_pytest_touches_no_cluster_and_says_what_it_skipped(tmp_path):
+    """Without PEFT_VIT_SLURM_TESTS=1 the cluster tests run no SLURM, apt or daemon command (all
+    are faked here and record any call), and the summary says so in one line."""
+    env = {k: v for k, v in job_env().items() if k != "PEFT_VIT_SLURM_TESTS"}
+    env["PATH"] = f"{_fake_slurm_bin(tmp_path)}:{env['PATH']}"
+    env["SLURM_LOCAL_DIR"] = str(tmp_path / "state")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                        "-k", "slurm_sweep_runs or usr2 or killed_job"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert "skipped 3 SLURM cluster tests: set PEFT_VIT_SLURM_TESTS=1" in p.stdout, p.stdout[-3000:]
+    assert not (tmp_path / "called").exists() and not (tmp_path / "state").exists()
+
+
+def test_a_cluster_that_is_not_the_private_one_is_refused(tmp_path, monkeypatch):
+    """SLURM_CONF leading to another cluster (a login node's): refused before any submission."""
+    other = "ClusterName = prod\nSlurmctldPort = 6817\nSLURM_CONF = /etc/slurm/slurm.conf\n"
+    monkeypatch.setenv("PATH", f"{_fake_slurm_bin(tmp_path, other)}:{os.environ['PATH']}")
+    with pytest.raises(AssertionError, match="not the private test cluster.*refusing to submit"):
+        _check_private_cluster()
+    assert (tmp_path / "called").read_text().split() == ["scontrol"]  # asked, nothing submitted
 
 
 @pytest.fixture(scope="module")
