@@ -5,7 +5,7 @@
     python scripts/proxy_pretrain.py --steps 200 --out /tmp/vit.safetensors   # a quick try
 
 The data (``peft_vit.data.proxy.pretrain_batch``) is drawn fresh every step from a generator
-seeded with ``--seed``: 256 classes = 8 shapes x 8 hues x 4 textures; 1-3 copies of the object
+seeded with ``--seed``: 256 classes = 8 shapes x 8 hues x 4 textures; 1-2 copies of the object
 at random positions, scales and rotations on a random background. Everything else a transfer
 task asks (count, position, orientation, distance, new shapes and textures, digits, spectra)
 is a nuisance here or absent. The model is timm's ``vit_tiny_patch16_224`` at 32 px with
@@ -62,7 +62,7 @@ def held_out_accuracy(model, seed: int, n: int = 2048) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)

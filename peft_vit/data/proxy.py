@@ -1,7 +1,7 @@
 """The proxy benchmark's data: procedurally generated 32-px images, deterministic from a seed.
 
 * :func:`pretrain_batch` - the pretraining set of ``scripts/proxy_pretrain.py``: 256 classes =
-  8 shapes x 8 hues x 4 textures, with position, scale, rotation, count (1-3 copies), colour
+  8 shapes x 8 hues x 4 textures, with position, scale, rotation, count (1-2 copies), colour
   jitter and background as nuisances (never labels).
 * :data:`TASKS` - eight transfer tasks in VTAB-1k's spirit, written to disk in NOAH's layout
   (``<root>/<task>/{train800,val200,train800val200,test}.txt`` + ``images/<split>/*.png``) on
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import DataSplits, PROTOCOLS, register_source
 
 IMG = 32
-VERSION = 1  # bump when any generator changes: folders written by another version are rebuilt
+VERSION = 3  # bump when any generator changes: folders written by another version are rebuilt
 SIZES = {"train800": 800, "val200": 200, "test": 1000}
 
 # ----------------------------------------------------------------------------- rendering
@@ -141,8 +141,8 @@ def draw(canvas: torch.Tensor, shape: torch.Tensor, cx: torch.Tensor, cy: torch.
 def random_objects(g: torch.Generator, n: int, shapes: int = PRETRAIN_SHAPES) -> Dict[str, torch.Tensor]:
     """Random attributes for one object in each of ``n`` images."""
     return dict(shape=torch.randint(0, shapes, (n,), generator=g), colour=palette(g, torch.randint(0, N_HUES, (n,), generator=g)),
-                tex=torch.randint(0, N_TEXTURES, (n,), generator=g), freq=_u(g, n, 5.0, 9.0),
-                angle=_u(g, n, 0, 2 * math.pi), scale=_u(g, n, 0.16, 0.3))
+                tex=torch.randint(0, N_TEXTURES, (n,), generator=g), freq=_u(g, n, 3.5, 6.0),
+                angle=_u(g, n, 0, 2 * math.pi), scale=_u(g, n, 0.2, 0.35))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -156,25 +156,25 @@ NUM_PRETRAIN_CLASSES = PRETRAIN_SHAPES * N_HUES * N_TEXTURES  # 256
 
 def pretrain_batch(g: torch.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``n`` pretraining images (uint8 (N, 3, 32, 32)) and labels shape * 32 + hue * 4 + texture.
-    Each image holds 1-3 copies of its class's object (same shape, hue, texture), each at its own
+    Each image holds 1-2 copies of its class's object (same shape, hue, texture), each at its own
     position, scale and rotation, on a random background."""
     shape = torch.randint(0, PRETRAIN_SHAPES, (n,), generator=g)
     hue = torch.randint(0, N_HUES, (n,), generator=g)
     tex = torch.randint(0, N_TEXTURES, (n,), generator=g)
-    count = torch.randint(1, 4, (n,), generator=g)
+    count = torch.randint(1, 3, (n,), generator=g)
     img = background(g, n)
     colour = palette(g, hue)
-    for k in range(3):
-        img = draw(img, shape, _u(g, n, -0.75, 0.75), _u(g, n, -0.75, 0.75), _u(g, n, 0.14, 0.34),
-                   _u(g, n, 0, 2 * math.pi), colour, tex, _u(g, n, 5.0, 9.0), visible=count > k)
+    for k in range(2):
+        img = draw(img, shape, _u(g, n, -0.6, 0.6), _u(g, n, -0.6, 0.6), _u(g, n, 0.22, 0.45),
+                   _u(g, n, 0, 2 * math.pi), colour, tex, _u(g, n, 3.5, 6.0), visible=count > k)
     return to_uint8(img), shape * (N_HUES * N_TEXTURES) + hue * N_TEXTURES + tex
 
 
 # ----------------------------------------------------------------------------- transfer tasks
 
 def gen_digits(g: torch.Generator, n: int, split: str):
-    """scikit-learn's 8x8 digits, drawn in a random colour at a random scale (16-30 px), offset
-    and tilt (+-15 degrees) on a random background. train800/val200 use the first 1,000 of a
+    """scikit-learn's 8x8 digits, drawn in a random colour at a random scale (24-32 px), offset
+    and tilt (+-6 degrees) on a random background. train800/val200 use the first 1,000 of a
     fixed permutation of the 1,797 originals, test the other 797 (each drawn once or twice)."""
     from sklearn.datasets import load_digits
 
@@ -183,8 +183,8 @@ def gen_digits(g: torch.Generator, n: int, split: str):
     pool = {"train800": perm[:800], "val200": perm[800:1000], "test": perm[1000:]}[split]
     idx = pool[torch.arange(n) % len(pool)]
     glyph = torch.tensor(d.images, dtype=torch.float32)[idx, None] / 16.0  # (n, 1, 8, 8)
-    size = _u(g, n, 16, 30) / IMG  # glyph side as a fraction of the image
-    ang = _u(g, n, -0.26, 0.26)
+    size = _u(g, n, 24, 32) / IMG  # glyph side as a fraction of the image
+    ang = _u(g, n, -0.1, 0.1)
     tx, ty = _u(g, n, -1, 1) * (1 - size), _u(g, n, -1, 1) * (1 - size)
     c, s = torch.cos(ang) / size, torch.sin(ang) / size
     theta = torch.stack([torch.stack([c, -s, -(c * tx - s * ty)], 1), torch.stack([s, c, -(s * tx + c * ty)], 1)], 1)
@@ -277,7 +277,7 @@ def gen_count(g: torch.Generator, n: int, split: str):
         cell = cells[:, k]
         cx = -0.75 + 0.5 * (cell % 4).float() + _u(g, n, -0.08, 0.08)
         cy = -0.75 + 0.5 * (cell // 4).float() + _u(g, n, -0.08, 0.08)
-        img = draw(img, o["shape"], cx, cy, _u(g, n, 0.13, 0.18), o["angle"], o["colour"], o["tex"], o["freq"],
+        img = draw(img, o["shape"], cx, cy, _u(g, n, 0.15, 0.2), o["angle"], o["colour"], o["tex"], o["freq"],
                    visible=y >= k)
     return to_uint8(img), y
 
@@ -320,7 +320,7 @@ def gen_distance(g: torch.Generator, n: int, split: str):
     img = background(g, n)
     for sign in (1, -1):
         o = random_objects(g, n)
-        img = draw(img, o["shape"], mx + sign * hx, my + sign * hy, _u(g, n, 0.14, 0.2), o["angle"], o["colour"],
+        img = draw(img, o["shape"], mx + sign * hx, my + sign * hy, _u(g, n, 0.16, 0.22), o["angle"], o["colour"],
                    o["tex"], o["freq"])
     return to_uint8(img), y
 
