@@ -43,19 +43,20 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ORDER = ["linear", "full", "householder", "lora", "adapter", "rlrr", "kadaptation"]
 TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
 OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5}  # × full's ops
 MODELS = {
     "vit_b16": dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
                     drop_path_rate=0.0, img_size=224, overrides={}),
-    # the tests' tiny ViT: a smoke test of this script in seconds
-    "tiny": dict(name="vit_tiny_patch16_224", pretrained=False, checkpoint=None, num_classes=10, drop_path_rate=0.0,
-                 img_size=32, overrides=dict(patch_size=4, depth=2, embed_dim=64, num_heads=4)),
+    # the tests' tiny ViT (configs/model/vit_tiny_test.yaml): a smoke test of this script in seconds
+    "tiny": dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "vit_tiny_test.yaml")),
+                 num_classes=10),
 }
 # --ops: the tiny ViT with ViT-B's 12 blocks (the count grows with depth, not width); as
 # ``--model tiny12`` a CPU step time dominated by per-op overhead, as small steps are on a GPU
@@ -224,6 +225,7 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     from peft_vit.methods import METHODS
+    from peft_vit.report.collect import method_rank
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         print(json.dumps(measure(args._child, args.batch, args.steps, args.warmup, args.device, args.threads,
                                  args.model)))
         return []
-    methods = args.methods or sorted(METHODS, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    methods = args.methods or sorted(METHODS, key=method_rank)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(METHODS)}")

@@ -34,10 +34,8 @@ from omegaconf import OmegaConf  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# A tiny ViT with D = 64 (divisible by KAdaptation's 32) for behaviour tests
-TINY_MODEL = dict(name="vit_tiny_patch16_224", pretrained=False, checkpoint=None, num_classes=10,
-                  drop_path_rate=0.0, img_size=32,
-                  overrides=dict(patch_size=4, depth=2, embed_dim=64, num_heads=4))
+# The tiny ViT of behaviour tests (configs/model/vit_tiny_test.yaml), with 10 classes
+TINY_MODEL = dict(OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "vit_tiny_test.yaml")), num_classes=10)
 VIT_B16 = dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
                drop_path_rate=0.0, img_size=224, overrides={})
 

@@ -38,6 +38,8 @@ from ..record import RESULTS
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
 BACKBONE_MARKS = {DEFAULT_BACKBONE: "", "vit_base_patch16_224.augreg_in21k": "*"}  # the papers' * rows
+# the order of methods in tables and benchmarks: the baselines, then by publication year, as the
+# papers' tables list them
 METHOD_ORDER = ["linear", "full", "adapter", "lora", "kadaptation", "rlrr", "householder"]
 
 
