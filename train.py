@@ -2,17 +2,31 @@
 
 Multirun sweeps: `python train.py -m method=lora,adapter dataset=vtab/cifar,vtab/dtd`.
 """
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from peft_vit.config import check_argv
+from peft_vit.record import RunContext
+
+
+def hydra_context() -> RunContext:
+    """The run's output dir, experiment preset, sweep name and command-line overrides, from Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    sweep = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    return RunContext(Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep,
+                      tuple(hc.overrides.task))
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     from peft_vit.engine.loop import run
 
-    run(cfg)
+    run(cfg, hydra_context())
 
 
 if __name__ == "__main__":

@@ -29,11 +29,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from peft_vit.record import WEIGHTS
 
-WEIGHTS = "trainable.safetensors"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def compose_config(config: Optional[str], overrides: List[str]):

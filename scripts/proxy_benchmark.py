@@ -31,14 +31,13 @@ from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 EXPERIMENT = REPO / "configs" / "experiment" / "proxy.yaml"
 TUNING_FILE = REPO / "weights" / "proxy_tuning.json"
 TUNE_TASKS = ("textures", "count")  # one natural, one structured task
 # per-method grids: the head alone takes larger steps than the whole backbone
-LR_GRID = {"linear": (3e-3, 1e-2, 3e-2), "full": (1.5e-4, 5e-4, 1.5e-3)}
-PEFT_GRID = (1e-3, 3e-3, 1e-2)
+LR_GRID = {"linear": (1e-2, 3e-2, 1e-1), "full": (5e-4, 1e-3, 2e-3)}
+PEFT_GRID = (3e-3, 1e-2, 3e-2)
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -59,11 +58,12 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     from omegaconf import open_dict
 
     from peft_vit.engine.loop import run
+    from peft_vit.record import RESULTS, RunContext, RunRecord
 
     out_dir = Path(out_dir)
-    result = out_dir / "results.json"
+    result = out_dir / RESULTS
     if result.exists() and not rerun:
-        return json.loads(result.read_text())
+        return RunRecord.read(result).to_dict()
     args = ["experiment=proxy", f"dataset=proxy/{task}", f"method={method}", f"protocol={protocol}",
             "skip_done=false", *overrides]
     GlobalHydra.instance().clear()
@@ -71,11 +71,11 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
         cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
     cfg.hydra.runtime.cwd = str(REPO)
     cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves; the loop reads its context
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves
     with open_dict(cfg):
         del cfg["hydra"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg)
+    return run(cfg, RunContext(out_dir, "proxy", None, tuple(args))).to_dict()
 
 
 def task_groups() -> Dict[str, str]:
@@ -141,9 +141,11 @@ def collect(out: Path):
     """One row per (method, task) from ``<out>/final/**/results.json``."""
     import pandas as pd
 
+    from peft_vit.record import RESULTS, RunRecord
+
     rows = []
-    for f in sorted((out / "final").rglob("results.json")):
-        r = json.loads(f.read_text())
+    for f in sorted((out / "final").rglob(RESULTS)):
+        r = RunRecord.read(f).to_dict()
         if r.get("dataset") != "proxy":
             continue
         rows.append({"method": r["method"], "task": r["task"], "acc": r["test_acc"], "seed": r["seed"],

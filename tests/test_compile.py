@@ -31,6 +31,7 @@ def _step(net, params, x, y):
     return loss.detach(), grads
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager():
     eager = build("householder", ONE_BLOCK).train()
     with torch.no_grad():  # a non-trivial update, so that every factor carries a gradient

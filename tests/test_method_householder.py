@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import peft_vit
-from conftest import VIT_B16, build, digits_accuracy, train_steps
+from conftest import VIT_B16, build, train_steps
 from peft_vit.methods.base import AdaptedLinear
 from peft_vit.methods.householder import HouseholderDelta, householder_matrix, reflect
 
 
-@pytest.mark.parametrize("rank,expected", [(1, 184_320), (0, 110_592), (2, 258_048), (4, 405_504)])
+@pytest.mark.parametrize("rank,expected", [(0, 110_592), (2, 258_048), (4, 405_504)])  # 1: the contract's
 def test_vit_b16_counts(rank, expected):
     with torch.device("meta"):  # counts only: no memory, no init time
         model = build("householder", VIT_B16, rank=rank)
@@ -26,22 +26,6 @@ def test_target_presets():
     assert len([m for m in model.modules() if isinstance(m, HouseholderDelta)]) == 12
     with pytest.raises(ValueError):
         build("householder", targets="nope")
-
-
-def test_identity_at_start(tiny_input):
-    plain, model = build("linear").eval(), build("householder").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tiny_input), plain(tiny_input), atol=1e-6, rtol=0)
-
-
-def test_every_trainable_tensor_changes_in_three_steps():
-    model = build("householder")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train_steps(model, steps=3)
-    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, unchanged
-    # v_l, v_r included: they get no gradient on step 1 (d = 0) but do from step 2
-    assert any(n.endswith("v_l") for n in before) and any(n.endswith("v_r") for n in before)
 
 
 def test_default_reflection_is_orthogonal_and_fast_apply_matches():
@@ -82,28 +66,38 @@ def test_fused_qkv_block_wise():
 
 
 def test_report_ranks_and_heatmap(tmp_path):
+    from peft_vit.record import RunRecord
+    from peft_vit.report.plots import plot_run
+
     model = build("householder")
     with torch.no_grad():
         model.blocks[1].attn.qkv.deltas["k"].d.copy_(torch.cat([torch.ones(5), torch.full((59,), 1e-4)]))
-    out = model.peft_method.report(model, tmp_path)
+        # 4 entries of 1, 60 of 0.25: Σd² = 4 + 3.75; 90% (6.975) needs 4 + 48 of them, 99% (7.6725) 4 + 59
+        model.blocks[1].attn.proj.deltas["all"].d.copy_(torch.cat([torch.ones(4), torch.full((60,), 0.25)]))
+    out = model.peft_method.report(model)
     json.dumps(out)
     rows = out["per_matrix"]
-    assert len(rows) == 2 * 4 and {r["matrix"] for r in rows} == {"q", "k", "v", "o"}
+    assert [(r["layer"], r["matrix"]) for r in rows] == [(i, m) for i in (0, 1) for m in ("q", "k", "v", "o")]
     by = {(r["layer"], r["matrix"]): r for r in rows}
-    assert by[(1, "k")]["effective_rank"] == 5 and by[(1, "k")]["d_abs_max"] == 1.0
-    assert by[(0, "q")]["effective_rank"] == 0  # d = 0 at start
+    k, o = by[(1, "k")], by[(1, "o")]
+    assert k["d_abs_max"] == 1.0 and k["full_rank"] == 64
+    assert [k[f"rank_above_{p}pct_max"] for p in (1, 10, 50)] == [5, 5, 5]
+    assert [o[f"rank_above_{p}pct_max"] for p in (1, 10, 50)] == [64, 64, 4]
+    assert (k["energy_rank_90"], k["energy_rank_99"]) == (5, 5) and (o["energy_rank_90"], o["energy_rank_99"]) == (52, 63)
+    assert k["effective_rank"] == 5 and o["effective_rank"] == 52  # the heatmap's: 90% energy
+    assert all(v == 0 for key, v in by[(0, "q")].items() if "rank" in key and key != "full_rank")  # d = 0 at start
+    assert out["effective_rank_is"].startswith("energy_rank_90")
+    record = RunRecord(method="householder", dataset="vtab", task="cifar", protocol="final", seed=0, test_acc=1.0,
+                       diagnostics=out)
+    assert plot_run(record, tmp_path) == [tmp_path / "householder_rank.png", tmp_path / "householder_rank.json"]
     assert (tmp_path / "householder_rank.png").stat().st_size > 0
-
-
-def test_learns_digits():
-    acc = digits_accuracy(build("householder"))
-    assert acc > 0.3, acc  # chance is 0.10; the linear probe on this random backbone gets ~0.15
+    assert json.loads((tmp_path / "householder_rank.json").read_text())["mean_effective_rank"][1] == [0, 5, 0, 52]
 
 
 def _randomised(model):
-    with torch.no_grad():  # d = 0 and W_up = 0 at start: give every factor a visible effect
+    with torch.no_grad():  # d = 0 and w_out = 0 at start: give every factor a visible effect
         for n, p in model.named_parameters():
-            if n.startswith("householder_pack.") and n.endswith((".d", ".w_up")):
+            if n.startswith("householder_pack.") and n.endswith((".d", ".w_out")):
                 p.normal_(0, 0.1)
     return model
 

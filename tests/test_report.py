@@ -14,6 +14,7 @@ from peft_vit.report import build_table, load_records, to_csv, to_latex, to_mark
 from peft_vit.report.collect import DEFAULT_BACKBONE, group_rows
 from peft_vit.report.plots import householder_entries, householder_groups, pareto_front, plot_accuracy_vs_params, \
     plot_householder_ranks
+from peft_vit.methods.householder import EFFECTIVE_RANK_IS
 from peft_vit.report.tables import PAPER_FILE, load_paper
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -58,7 +59,7 @@ def hta_diag(task_index, seed):
         for j, m in enumerate(["k", "o", "q", "v"]):  # out of order on purpose
             rows.append({"layer": layer, "matrix": m, "effective_rank": 10 + layer * 4 + j * 2 + task_index % 3 + seed,
                          "full_rank": 768})
-    return {"rank_threshold": 0.01, "per_matrix": rows}
+    return {"effective_rank_is": EFFECTIVE_RANK_IS, "per_matrix": rows}
 
 
 def write(root: Path, rel: str, rec: dict):
@@ -316,7 +317,7 @@ def test_householder_entries_read_the_method_report():
     from conftest import build
 
     model = build("householder")
-    diag = json.loads(json.dumps(model.peft_method.report(model, None)))
+    diag = json.loads(json.dumps(model.peft_method.report(model)))
     rows = householder_entries(diag)
     assert rows and {m for _, m, _ in rows} == {"q", "k", "v", "o"} and {layer for layer, _, _ in rows} == {0, 1}
 

@@ -270,6 +270,8 @@ def _job_dirs(sweep: Path):
     return sorted(d.name for d in (sweep / ".submitit").iterdir() if d.name.replace("_", "").isdigit())
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_sweep_runs_as_job_array(slurm_sweep, tmp_path):
     sweep, _, p = slurm_sweep
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
@@ -286,6 +288,8 @@ def test_slurm_sweep_runs_as_job_array(slurm_sweep, tmp_path):
     check_table(sweep, tmp_path / "report")
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_relaunch_runs_nothing(slurm_sweep):
     sweep, cmd, first = slurm_sweep
     assert first.returncode == 0
@@ -316,6 +320,8 @@ DIGITS = ["model=vit_tiny_test", "dataset=demo/digits", "logger=none", "trainer.
           "trainer.batch_size=64", "trainer.eval_every=1", "trainer.progress=false", "method=full", "seed=0"]
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_usr2_requeues_resumes_and_matches_uninterrupted(slurm_cluster, tmp_path, vtab_root):
     """scancel --signal=USR2 mid-run: SLURM signals every process of the job step, the 2
     DataLoader workers (decoding the test images) included; the main process checkpoints,
@@ -369,6 +375,8 @@ def test_usr2_requeues_resumes_and_matches_uninterrupted(slurm_cluster, tmp_path
     assert not list(sweep.rglob("checkpoint.pt"))  # removed once results.json is written
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_killed_job_is_reported_not_waited_for(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", *SLURM, *DIGITS,

@@ -117,6 +117,7 @@ def local_sweep(tmp_path_factory, vtab_root):
     return sweep, cmd, p
 
 
+@pytest.mark.slow
 def test_local_sweep_2x2_completes_and_renders(local_sweep, tmp_path):
     sweep, _, p = local_sweep
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
@@ -127,6 +128,7 @@ def test_local_sweep_2x2_completes_and_renders(local_sweep, tmp_path):
     check_table(sweep, tmp_path / "report")
 
 
+@pytest.mark.slow
 def test_local_relaunch_runs_nothing(local_sweep):
     sweep, cmd, first = local_sweep
     assert first.returncode == 0
@@ -140,6 +142,7 @@ def test_local_relaunch_runs_nothing(local_sweep):
     assert set((sweep / ".submitit").iterdir()) == jobs_before  # nothing even started
 
 
+@pytest.mark.slow
 def test_local_relaunch_with_another_config_is_refused_not_skipped(local_sweep):
     """The same sweep dir, re-launched after a setting changed (as when a preset is edited; here
     optim.lr, kept out of the job dir names): the launcher's skip_done compares config
@@ -168,6 +171,7 @@ def _children(pid: int) -> List[int]:
     return [int(k) for k in kids]
 
 
+@pytest.mark.slow
 def test_local_job_killed_is_reported_not_waited_for(tmp_path, vtab_root):
     """SIGKILL the job's training process: the launcher reports it (job id, 'without writing a
     result', its log) within lost_after_s and the sweep exits non-zero, instead of hanging."""

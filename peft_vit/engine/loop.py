@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,26 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from .. import build_model, count_parameters
 from ..data import build_datasets
 from ..data.loader import EvalBatches, TrainBatches
-from ..record import RESULTS, RunLogger, atomic_file, git_commit, versions, write_json_atomic
+from ..record import RESULTS, WEIGHTS, RunContext, RunLogger, RunRecord, atomic_file, git_commit, versions
 from . import checkpoint, distributed, rundir
 from .signals import StopSignal, ignore_stop_signals_in_worker
 
 log = logging.getLogger("peft_vit")
 CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "trainable.safetensors"
-
-
-def _hydra_context(cfg: DictConfig):
-    """(output dir, experiment preset name, sweep name, command-line overrides) from Hydra."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-    except (ValueError, ImportError):
-        return Path(cfg.get("output_dir") or "."), None, None, []
-    sweep = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    return Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep, list(hc.overrides.task)
 
 
 def _precision(pref: str, device: torch.device) -> Optional[torch.dtype]:
@@ -61,11 +47,16 @@ def _precision(pref: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases, norms and other 1-d tensors."""
-    from timm.optim import param_groups_weight_decay
+    """AdamW over trainable parameters in two groups, not decayed and decayed by ``weight_decay``.
+    The model's method names the first (``Method.no_weight_decay``: by default timm's rule, no
+    decay on biases, norms and other 1-d tensors; RLRR follows its official code's groups)."""
+    from ..methods.base import default_no_weight_decay
 
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, weight_decay=ocfg.weight_decay, no_weight_decay_list=skip)
+    method = getattr(model, "peft_method", None)
+    skip = method.no_weight_decay(model) if method is not None else default_no_weight_decay(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
+              {"params": [p for n, p in params if n not in skip], "weight_decay": ocfg.weight_decay}]
     if ocfg.name != "adamw":
         raise ValueError(f"optim.name={ocfg.name!r}: only adamw is implemented")
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
@@ -130,12 +121,14 @@ def compile_seconds() -> float:
     return float(calculate_time_spent().get("total_wall_time", 0.0))
 
 
-def run(cfg: DictConfig) -> Dict:
+def run(cfg: DictConfig, context: Optional[RunContext] = None) -> RunRecord:
     """Train and evaluate one run into its output dir, which it owns while it runs (a lock;
     rank 0 holds it under torchrun). With ``skip_done`` a results.json of the same configuration
-    is returned as is; one of another configuration is an error naming the keys that differ."""
+    is returned as is; one of another configuration is an error naming the keys that differ.
+    ``context`` (``train.py`` takes it from Hydra) defaults to ``cfg.output_dir``, nothing else known."""
     t_start = time.time()
-    out_dir, experiment, sweep, overrides = _hydra_context(cfg)
+    context = context or RunContext(Path(cfg.get("output_dir") or "."))
+    out_dir = Path(context.output_dir)
     result_path = out_dir / RESULTS
     result_cfg = rundir.result_config(cfg)
     lock = rundir.RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
@@ -146,21 +139,21 @@ def run(cfg: DictConfig) -> Dict:
         for p in rundir.remove_stale_temp_files(out_dir):
             print(f"[peft-vit] removed {p}, a write that a killed run left unfinished")
     try:
-        if cfg.skip_done:
-            done = rundir.finished_record(result_path, result_cfg)
-            if done is not None:
-                if lock is not None:
-                    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # a run killed right after its record
-                log.info("skip_done: %s exists, nothing to do", result_path)
-                print(f"[peft-vit] skip: {result_path} already exists (skip_done=true)")
-                return done
-        return _train(cfg, t_start, out_dir, experiment, sweep, overrides, result_cfg)
+        done = rundir.skip_done(cfg, out_dir, result_cfg)  # as the sweep launchers decide it
+        if done is not None:
+            if lock is not None:
+                (out_dir / CHECKPOINT).unlink(missing_ok=True)  # a run killed right after its record
+            log.info("skip_done: %s exists, nothing to do", result_path)
+            print(f"[peft-vit] skip: {result_path} already exists (skip_done=true)")
+            return RunRecord.from_dict(done, source=result_path)
+        return _train(cfg, t_start, context, result_cfg)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, overrides, result_cfg) -> Dict:
+def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> RunRecord:
+    out_dir = Path(context.output_dir)
     result_path = out_dir / RESULTS
     tcfg, ocfg = cfg.trainer, cfg.optim
     d = distributed.init(tcfg.device)
@@ -222,7 +215,7 @@ def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, ov
     eval_key = "val_acc" if cfg.protocol == "tune" else "test_acc"
     label = f"{cfg.protocol}: fit {data.train_split}, eval {data.eval_split}"
     logger = RunLogger(cfg.logger, run_cfg, out_dir, name=f"{cfg.method.name}/{cfg.dataset.task}/s{cfg.seed}",
-                       group=sweep, tags=[cfg.method.name, cfg.dataset.task, cfg.protocol]) \
+                       group=context.sweep, tags=[cfg.method.name, cfg.dataset.task, cfg.protocol]) \
         if d.is_main else RunLogger({"name": "none"}, {}, out_dir, "", None, [])
     logger.summary({**counts, "protocol": cfg.protocol})
     if d.is_main:
@@ -304,46 +297,43 @@ def _train(cfg: DictConfig, t_start: float, out_dir: Path, experiment, sweep, ov
     best = max(history, key=lambda h: h["acc"])
     peak_mb = (torch.cuda.max_memory_allocated(d.device) / 2**20 if d.device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    record = {
-        "method": cfg.method.name, "dataset": cfg.dataset.name, "task": cfg.dataset.task,
-        "protocol": cfg.protocol, "seed": cfg.seed,
-        "train_split": data.train_split, "eval_split": data.eval_split,
-        eval_key: history[-1]["acc"],
-        "accuracy_is": f"last epoch ({history[-1]['epoch']}), {data.eval_split} split",
-        "best_acc_over_epochs": best["acc"], "best_epoch": best["epoch"],
-        "best_acc_selects_on": data.eval_split,
-        "epochs": tcfg.epochs, "history": history,
-        **counts,
-        "wall_time_s": round(time.time() - t_start, 2),
-        "train_images_per_s": round(images_seen / max(train_time, 1e-9), 2),
-        "startup_s": round(startup_s, 2), "eval_images_per_s": eval_batches.images_per_s,
-        "peak_memory_mb": round(peak_mb, 1),
-        "peak_memory_kind": "cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
-        "world_size": d.world_size, "device": str(d.device),
-        "compiled": compiled, "compile_time_s": round(compile_seconds() - compile_s0, 2),
-        "experiment": experiment, "sweep": sweep, "overrides": overrides,
-        "git_commit": git_commit(), "versions": versions(),
-        "config": run_cfg, "config_fingerprint": rundir.fingerprint(result_cfg),
-    }
-    if method is not None and d.is_main:
-        diag = method.report(model, out_dir)
-        if diag:
-            record[cfg.method.name] = diag
+    record = RunRecord(
+        method=cfg.method.name, dataset=cfg.dataset.name, task=cfg.dataset.task, protocol=cfg.protocol,
+        seed=cfg.seed, train_split=data.train_split, eval_split=data.eval_split,
+        **{eval_key: history[-1]["acc"]},
+        accuracy_is=f"last epoch ({history[-1]['epoch']}), {data.eval_split} split",
+        best_acc_over_epochs=best["acc"], best_epoch=best["epoch"], best_acc_selects_on=data.eval_split,
+        epochs=tcfg.epochs, history=history, **counts,
+        wall_time_s=round(time.time() - t_start, 2),
+        train_images_per_s=round(images_seen / max(train_time, 1e-9), 2),
+        startup_s=round(startup_s, 2), eval_images_per_s=eval_batches.images_per_s,
+        peak_memory_mb=round(peak_mb, 1),
+        peak_memory_kind="cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
+        world_size=d.world_size, device=str(d.device),
+        compiled=compiled, compile_time_s=round(compile_seconds() - compile_s0, 2),
+        experiment=context.experiment, sweep=context.sweep, overrides=list(context.overrides),
+        git_commit=git_commit(), versions=versions(),
+        config=run_cfg, config_fingerprint=rundir.fingerprint(result_cfg),
+        diagnostics=method.report(model) if method is not None and d.is_main else {},
+    )
     if d.is_main:
         if tcfg.save_weights:  # the trained parameters, for scripts/export_merged.py
             from safetensors.torch import save as safetensors_bytes
 
             with atomic_file(out_dir / WEIGHTS, "wb") as f:
                 f.write(safetensors_bytes(checkpoint.trainable_state(model)))
-        write_json_atomic(result_path, record)  # before anything that could still fail
+        record.write(result_path)  # before anything that could still fail
         ckpt_path.unlink(missing_ok=True)
-        print(f"[peft-vit] {label} | {eval_key} {record[eval_key]:.2f}% (last epoch) | best over epochs "
+        from ..report.plots import plot_run
+
+        plot_run(record, out_dir)  # the method's figures (HTA: householder_rank.png)
+        print(f"[peft-vit] {label} | {eval_key} {record.accuracy:.2f}% (last epoch) | best over epochs "
               f"{best['acc']:.2f}% at epoch {best['epoch']} (selects on {data.eval_split}) | "
               f"trainable params {counts['trainable_params']:,} ({counts['trainable_params_no_head']:,} without head)"
-              f" | {record['wall_time_s']:.0f}s -> {result_path}")
-        logger.summary({eval_key: record[eval_key], "best_acc_over_epochs": best["acc"],
-                        "best_epoch": best["epoch"], "train_images_per_s": record["train_images_per_s"],
-                        "peak_memory_mb": record["peak_memory_mb"]})
+              f" | {record.wall_time_s:.0f}s -> {result_path}")
+        logger.summary({eval_key: record.accuracy, "best_acc_over_epochs": best["acc"],
+                        "best_epoch": best["epoch"], "train_images_per_s": record.train_images_per_s,
+                        "peak_memory_mb": record.peak_memory_mb})
     logger.finish()
     distributed.shutdown(d)
     sys.stdout.flush()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ __all__ = [
     "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter", "InsertedParallel",
     "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
     "replace_module", "merge", "ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched",
-    "count_parameters", "NotMergeableError", "FUSED_BLOCKS",
+    "count_parameters", "NotMergeableError", "FUSED_BLOCKS", "default_no_weight_decay",
 ]
 
 METHODS: Dict[str, Type["Method"]] = {}
@@ -88,9 +88,12 @@ class ParamPack(PeftModule):
     usual rule (no weight decay on 1-d tensors and biases) and AdamW's element-wise update treat
     every value exactly as before packing. With ``label`` all 1-d parameters share one tensor
     named ``label`` and all others one named ``label_matrix`` (name the label after what is packed,
-    so that weights saved under another configuration fail to load by name, not by size)."""
+    so that weights saved under another configuration fail to load by name, not by size). With
+    ``group(module, name)`` each stored name gets the suffix ``_<group>``, so parameters the
+    optimiser must treat apart (e.g. decayed or not) live in separate tensors."""
 
-    def __init__(self, units: Sequence[Sequence[nn.Module]], label: Optional[str] = None):
+    def __init__(self, units: Sequence[Sequence[nn.Module]], label: Optional[str] = None,
+                 group: Optional[Callable[[nn.Module, str], str]] = None):
         super().__init__()
         self.slots: Dict[Tuple[int, str], Tuple[str, int, int, Tuple[int, ...]]] = {}
         parts: Dict[str, List[torch.Tensor]] = {}
@@ -104,6 +107,8 @@ class ParamPack(PeftModule):
                     raise ValueError(f"ParamPack: unit {u} mixes classes or shapes of {n!r}")
                 flat = len(shape) <= 1 or n == "bias"
                 store = n if label is None else (label if flat else f"{label}_matrix")
+                if group is not None:
+                    store = f"{store}_{group(mods[0], n)}"
                 if ndim.setdefault(store, 1 if flat else 2) != (1 if flat else 2):
                     raise ValueError(f"ParamPack: {n!r} is 1-d in one unit and not in another")
                 chunk = parts.setdefault(store, [])
@@ -138,9 +143,10 @@ class ParamPack(PeftModule):
 
 
 def pack_parameters(owner: nn.Module, units: Sequence[Sequence[nn.Module]], name: str = "pack",
-                    label: Optional[str] = None) -> ParamPack:
+                    label: Optional[str] = None,
+                    group: Optional[Callable[[nn.Module, str], str]] = None) -> ParamPack:
     """Move the parameters of ``units`` into one :class:`ParamPack`, registered as ``owner.name``."""
-    pack = ParamPack(units, label)
+    pack = ParamPack(units, label, group)
     owner.add_module(name, pack)
     return pack
 
@@ -384,9 +390,17 @@ class Method:
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
 
-    def report(self, model: nn.Module, out_dir) -> dict:
+    def no_weight_decay(self, model: nn.Module) -> Set[str]:
+        """Names of the trainable parameters the optimiser must not decay (the rest decay by
+        ``optim.weight_decay``); ``build_optimizer`` asks the method. Default: timm's rule, i.e.
+        1-d tensors, biases and the backbone's own ``no_weight_decay()`` names. A method
+        overrides it to follow its paper's or code's groups (rlrr.py, householder.py)."""
+        return default_no_weight_decay(model)
+
+    def report(self, model: nn.Module) -> dict:
         """Called once at the end of a run: method diagnostics for results.json (under the
-        method's name); may also save plots into ``out_dir``. Default: nothing."""
+        method's name), JSON-able data only; figures of it are drawn by ``peft_vit.report.plots``
+        (:func:`~peft_vit.report.plots.plot_run`). Default: nothing."""
         return {}
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -394,6 +408,14 @@ class Method:
         self.mark_trainable(model)
         model.peft_method = self  # plain attribute (not a submodule): the loop asks it for report()
         return model
+
+
+def default_no_weight_decay(model: nn.Module) -> Set[str]:
+    """timm's rule (``param_groups_weight_decay``): the trainable 1-d tensors, ``*.bias`` and the
+    backbone's ``no_weight_decay()`` names."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias") or n in skip)}
 
 
 def register_method(name: str) -> Callable[[Type[Method]], Type[Method]]:

@@ -1,18 +1,33 @@
-"""Householder-SVD adaptation (HTA; Dong et al., NeurIPS 2024), SPEC §2.1.
+"""Householder-SVD adaptation (HTA; Dong et al., NeurIPS 2024).
 
-Every adapted matrix gets a parallel update ``ΔW = H(v_l) · diag(d) · H(v_r) + W_down · W_up``:
+Every adapted matrix gets a parallel update ``ΔW = H(v_l) · diag(d) · H(v_r) + w_out · w_in``:
 two Householder reflections around a learned diagonal (an SVD-like update whose rank is the
-number of non-zero entries of ``d``, so it may differ per layer) plus a rank-D' add-on.
+number of non-zero entries of ``d``, so it may differ per layer) plus a rank-D' add-on (the
+paper's ``W_down · W_up``), named here by the side it acts on: ``w_in`` (D' × in) reads the
+input, ``w_out`` (out × D') writes the output.
 
-Choices where the paper is silent (documented in the README):
+Choices where the paper is silent (this is the one place they are stated; the README links here):
 
-* reflection: ``orthogonal`` ``H(v) = I − 2vvᵀ/‖v‖²`` (default) or ``printed`` ``H(v) = I − vvᵀ``
-  (the formula as printed in the paper; it is orthogonal only when ‖v‖² = 2);
-* init: ``d = 0`` and ``W_up = 0`` so the model starts as the backbone; ``v_l``, ``v_r`` are
-  random unit vectors (N(0, I) normalised); ``W_down`` is kaiming-uniform(a=√5) like LoRA's A.
-  With ``d = 0``, ``v_l`` and ``v_r`` get no gradient on the first step (they do from step 2);
-* "adapter dropout" is applied to the adapter's input ``x`` (both terms), default 0: the paper
-  tunes it per task over {0.5 … 0}.
+* reflection (``reflection``): ``orthogonal`` ``H(v) = I − 2vvᵀ/‖v‖²`` (default) or ``printed``
+  ``H(v) = I − vvᵀ`` (the formula as printed; orthogonal only when ‖v‖² = 2).
+* init: ``d = 0``, ``v_l``, ``v_r`` random unit vectors (N(0, I) normalised). With ``d = 0``,
+  ``v_l`` and ``v_r`` get no gradient on the first step (they do from step 2). The add-on
+  (``addon_init``), in both cases zero at start, so the model starts as the backbone:
+
+  - ``lora`` (default), as LoRA's A and B: ``w_in`` kaiming-uniform(a=√5) with fan_in = in, i.e.
+    U(±1/√in), and ``w_out = 0``;
+  - ``output_kaiming`` (this project's first choice): ``w_out`` kaiming-uniform(a=√5) with
+    fan_in = D', i.e. U(±1/√D') (U(±1) at D' = 1), and ``w_in = 0``. Under Adam every entry of
+    the zero factor moves by about lr on step 1, so this add-on's first update is about √in
+    times the H-term's (whose entries move by lr on a unit-norm basis) and swamps the part whose
+    per-layer rank is the paper's claim.
+* weight decay (``decay_vectors``): the paper tunes weight decay over {0.05 … 0} without saying
+  which tensors it acts on. ``false`` (default) keeps timm's rule, under which the 1-d ``d``,
+  ``v_l`` and ``v_r`` never decay: the grid then acts only on the add-on and the head. ``true``
+  decays them as well (for ``v_l``, ``v_r`` under the orthogonal reflection that shrinks only
+  their norm, which H ignores, and so raises their effective step size).
+* "adapter dropout" (``dropout``) is applied to the adapter's input ``x`` (both terms),
+  default 0: the paper tunes it per task over {0.5 … 0}.
 
 The forward never forms a D×D matrix: ``x H(v) = x − c (x·v) vᵀ`` is O(D) per token
 (``c = 2/‖v‖²`` or 1), and H is symmetric, so ``x ΔWᵀ = ((x H(v_r))[:k] ⊙ d) H(v_l)``; expanded,
@@ -21,7 +36,6 @@ that is a diagonal term plus a rank-2 one (:meth:`HouseholderDelta.low_rank`).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
 import torch
@@ -48,12 +62,17 @@ def householder_matrix(v: torch.Tensor, orthogonal: bool = True) -> torch.Tensor
     return torch.eye(v.numel(), dtype=v.dtype, device=v.device) - c * torch.outer(v, v)
 
 
+ADDON_INITS = ("lora", "output_kaiming")
+
+
 class HouseholderDelta(Delta):
     def __init__(self, out_features: int, in_features: int, rank: int = 1,
-                 reflection: str = "orthogonal", dropout: float = 0.0):
+                 reflection: str = "orthogonal", dropout: float = 0.0, addon_init: str = "lora"):
         super().__init__()
         if reflection not in ("orthogonal", "printed"):
             raise ValueError(f"reflection must be 'orthogonal' or 'printed', not {reflection!r}")
+        if addon_init not in ADDON_INITS:
+            raise ValueError(f"method.addon_init={addon_init!r}; choose one of {', '.join(ADDON_INITS)}")
         self.orthogonal = reflection == "orthogonal"
         self.k = min(out_features, in_features)
         self.v_l = nn.Parameter(F.normalize(torch.randn(out_features), dim=0))
@@ -61,9 +80,9 @@ class HouseholderDelta(Delta):
         self.d = nn.Parameter(torch.zeros(self.k))
         self.rank = int(rank)
         if self.rank > 0:
-            self.w_down = nn.Parameter(torch.empty(out_features, self.rank))
-            self.w_up = nn.Parameter(torch.zeros(self.rank, in_features))
-            nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))
+            self.w_in = nn.Parameter(torch.zeros(self.rank, in_features))
+            self.w_out = nn.Parameter(torch.zeros(out_features, self.rank))
+            nn.init.kaiming_uniform_(self.w_in if addon_init == "lora" else self.w_out, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def low_rank(self):
@@ -72,7 +91,7 @@ class HouseholderDelta(Delta):
         Expanding the two reflections: with s_r = x·v_r and t = pad((x H(v_r))[:k] ⊙ d),
         t = pad(x[:k] ⊙ d) − c_r s_r pad(v_r[:k] ⊙ d) and t·v_l = x·pad(d ⊙ v_l[:k]) − c_r α s_r
         (α = Σ v_r d v_l), so ``t H(v_l)`` is the diagonal term plus a rank-2 one; W_down W_up adds
-        D' more columns. One elementwise product and two thin matmuls, as cheap as LoRA."""
+        D' more columns (w_in, w_out). One elementwise product and two thin matmuls, as cheap as LoRA."""
         v_l, v_r, d, k = self.v_l, self.v_r, self.d, self.k
         c_l = 2.0 / v_l.pow(2).sum() if self.orthogonal else 1.0
         c_r = 2.0 / v_r.pow(2).sum() if self.orthogonal else 1.0
@@ -82,7 +101,7 @@ class HouseholderDelta(Delta):
         vin = [v_r, dv_l]
         vout = [c_r * (c_l * alpha * v_l - dv_r), -c_l * v_l]
         if self.rank > 0:
-            return torch.cat([torch.stack(vin, 1), self.w_up.t()], 1), torch.cat([torch.stack(vout), self.w_down.t()])
+            return torch.cat([torch.stack(vin, 1), self.w_in.t()], 1), torch.cat([torch.stack(vout), self.w_out.t()])
         return torch.stack(vin, 1), torch.stack(vout)
 
     def forward(self, x, weight, bias):
@@ -99,11 +118,11 @@ class HouseholderDelta(Delta):
         h_r = householder_matrix(self.v_r, self.orthogonal)
         dw = (h_l[:, : self.k] * self.d) @ h_r[: self.k, :]
         if self.rank > 0:
-            dw = dw + self.w_down @ self.w_up
+            dw = dw + self.w_out @ self.w_in
         return dw
 
 
-def batched_factors(v_l, v_r, d, w_down, w_up, orthogonal: bool = True):
+def batched_factors(v_l, v_r, d, w_out, w_in, orthogonal: bool = True):
     """:meth:`HouseholderDelta.low_rank` for a batch of matrices at once: parameters with leading
     dims (L, G) -> ``V_in`` (L, G, in, 2+D') and ``V_out`` (L, G, 2+D', out)."""
     k = d.shape[-1]
@@ -120,9 +139,9 @@ def batched_factors(v_l, v_r, d, w_down, w_up, orthogonal: bool = True):
         dv_r = F.pad(dv_r, (0, v_l.shape[-1] - k))
     vin = [v_r.unsqueeze(-1), dv_l.unsqueeze(-1)]
     vout = [(c_r * (c_l * alpha * v_l - dv_r)).unsqueeze(-2), (-c_l * v_l).unsqueeze(-2)]
-    if w_down is not None:
-        vin.append(w_up.mT)
-        vout.append(w_down.mT)
+    if w_out is not None:
+        vin.append(w_in.mT)
+        vout.append(w_out.mT)
     return torch.cat(vin, -1), torch.cat(vout, -2)
 
 
@@ -169,10 +188,10 @@ class HouseholderBatched(BatchedDeltas):
         out: List = []
         for u, (L, M, segs) in enumerate(self.units):
             v_l, v_r, d = (views[(u, n)].view(L, M, -1) for n in ("v_l", "v_r", "d"))
-            rank = (u, "w_down") in views
-            w_down = views[(u, "w_down")].view(L, M, v_l.shape[-1], -1) if rank else None
-            w_up = views[(u, "w_up")].view(L, M, -1, v_r.shape[-1]) if rank else None
-            vin, vout = batched_factors(v_l, v_r, d, w_down, w_up, self.orthogonal)
+            rank = (u, "w_out") in views
+            w_out = views[(u, "w_out")].view(L, M, v_l.shape[-1], -1) if rank else None
+            w_in = views[(u, "w_in")].view(L, M, -1, v_r.shape[-1]) if rank else None
+            vin, vout = batched_factors(v_l, v_r, d, w_out, w_in, self.orthogonal)
             R, sizes = vin.shape[-1], [g for g, *_ in segs]
             parts = zip(*(t.split(sizes, dim) if len(segs) > 1 else (t,)
                           for t, dim in ((vin.transpose(1, 2), 2), (vout, 1), (d, 1))))
@@ -213,16 +232,19 @@ class HouseholderBatched(BatchedDeltas):
 @register_method("householder")
 class Householder(Method):
     def __init__(self, rank: int = 1, targets: Union[str, Sequence[str]] = ("q", "k", "v", "o"),
-                 reflection: str = "orthogonal", dropout: float = 0.0, rank_threshold: float = 0.01):
+                 reflection: str = "orthogonal", dropout: float = 0.0, addon_init: str = "lora",
+                 decay_vectors: bool = False):
         if isinstance(targets, str):  # a preset, or one target name
             targets = TARGET_PRESETS.get(targets, [targets])
+        if addon_init not in ADDON_INITS:
+            raise ValueError(f"method.addon_init={addon_init!r}; choose one of {', '.join(ADDON_INITS)}")
         self.targets = list(targets)
         self.rank, self.reflection, self.dropout = int(rank), reflection, float(dropout)
-        self.rank_threshold = float(rank_threshold)
+        self.addon_init, self.decay_vectors = addon_init, bool(decay_vectors)
 
     def inject(self, model: nn.Module) -> None:
         adapt_linears(model, self.targets, lambda name, block, out, inp, layer: HouseholderDelta(
-            out, inp, self.rank, self.reflection, self.dropout))
+            out, inp, self.rank, self.reflection, self.dropout, self.addon_init))
         # one unit per shape of adapted matrix: in every layer the same sequence of Linears
         layers: Dict[tuple, Dict[int, List[AdaptedLinear]]] = {}
         for name, mod in model.named_modules():
@@ -244,73 +266,59 @@ class Householder(Method):
         attach_batched(model, "householder_batched",
                        HouseholderBatched(pack, units, self.reflection == "orthogonal", self.dropout))
 
+    def no_weight_decay(self, model: nn.Module):
+        """timm's rule; with ``decay_vectors`` d, v_l and v_r decay too (module docstring)."""
+        skip = super().no_weight_decay(model)
+        if self.decay_vectors:
+            skip -= {f"{name}.{p}" for name, mod in model.named_modules()
+                     if name == "householder_pack" or isinstance(mod, HouseholderDelta)
+                     for p in ("d", "v_l", "v_r") if p in mod._parameters}
+        return skip
+
     # ------------------------------------------------------------------ diagnostics
 
     def diagnostics(self, model: nn.Module) -> List[Dict]:
-        """One row per adapted matrix: layer, matrix, |d| summary and the effective rank of the
-        H-term (count of |d_i| > rank_threshold · max|d|)."""
+        """One row per adapted matrix, in the model's order: layer, matrix, |d| summary and the
+        ranks of the H-term (:func:`rank_summary`)."""
         rows = []
         for name, mod in model.named_modules():
             if not isinstance(mod, AdaptedLinear):
                 continue
-            layer = _layer_index(name)
             kind = next((v for k, v in MATRIX_NAMES.items() if name.endswith(k)), name)
-            for block, delta in mod.deltas.items():
-                if not isinstance(delta, HouseholderDelta):
-                    continue
-                d = delta.d.detach().abs().float()
-                mx = float(d.max())
-                rows.append(dict(layer=layer, matrix=kind if block == "all" else block,
-                                 d_abs_min=float(d.min()), d_abs_max=mx, d_abs_mean=float(d.mean()),
-                                 effective_rank=int((d > self.rank_threshold * mx).sum()) if mx > 0 else 0,
-                                 full_rank=d.numel()))
-        return sorted(rows, key=lambda r: (r["layer"], _matrix_order(r["matrix"])))
+            for block in sorted(mod.deltas, key=lambda b: mod.slices[b][0]):
+                delta = mod.deltas[block]
+                if isinstance(delta, HouseholderDelta):
+                    rows.append(dict(layer=_layer_index(name), matrix=kind if block == "all" else block,
+                                     **rank_summary(delta.d.detach())))
+        return rows
 
-    def report(self, model: nn.Module, out_dir) -> dict:
-        rows = self.diagnostics(model)
-        out = {"rank_threshold": self.rank_threshold, "per_matrix": rows}
-        if rows and out_dir is not None:
-            out["heatmap"] = str(save_rank_heatmap(rows, Path(out_dir) / "householder_rank.png"))
-        return out
+    def report(self, model: nn.Module) -> dict:
+        """For results.json: the per-matrix ranks; ``effective_rank`` (the one plotted by
+        ``peft_vit.report.plots``) is the 90 % energy rank."""
+        return {"effective_rank_is": EFFECTIVE_RANK_IS, "per_matrix": self.diagnostics(model)}
+
+
+RANK_CUTS = (0.01, 0.1, 0.5)    # rank_above_<p>pct_max: #{i : |d_i| > cut · max|d|}
+ENERGY_LEVELS = (0.9, 0.99)     # energy_rank_<p>: the fewest d_i holding this share of Σ d_i²
+EFFECTIVE_RANK_IS = "energy_rank_90: the fewest |d_i| holding 90% of sum(d_i^2)"
+
+
+def rank_summary(d: torch.Tensor) -> Dict[str, float]:
+    """Ranks of ``H(v_l) diag(d) H(v_r)`` (the rank of diag(d), the reflections being invertible)
+    at several readings. A cut at 1 % of max|d| counts every entry training moved a little (on a
+    toy with a rank-8 target it read 714 of 768); the higher cuts and the energy ranks say how
+    many entries carry the update. All 0 for d = 0."""
+    a = d.abs().double()
+    mx = float(a.max())
+    out = dict(d_abs_min=float(a.min()), d_abs_max=mx, d_abs_mean=float(a.mean()), full_rank=a.numel())
+    for cut in RANK_CUTS:
+        out[f"rank_above_{cut * 100:g}pct_max"] = int((a > cut * mx).sum()) if mx > 0 else 0
+    energy = a.square().sort(descending=True).values.cumsum(0)
+    for level in ENERGY_LEVELS:  # the first k whose top-k energy reaches level · total
+        out[f"energy_rank_{level * 100:g}"] = int((energy < level * energy[-1]).sum()) + 1 if mx > 0 else 0
+    out["effective_rank"] = out["energy_rank_90"]
+    return out
 
 
 def _ordered(lin: AdaptedLinear) -> List[HouseholderDelta]:
     return [lin.deltas[b] for b in sorted(lin.deltas, key=lambda b: lin.slices[b][0])]
-
-
-def _matrix_order(m: str):
-    order = ["q", "k", "v", "qkv", "o", "fc1", "fc2"]
-    return (order.index(m) if m in order else len(order), m)
-
-
-def save_rank_heatmap(rows: List[Dict], path: Path) -> Path:
-    """Layer × matrix heatmap of the effective rank of the H-term."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mats = sorted({r["matrix"] for r in rows}, key=_matrix_order)
-    layers = sorted({r["layer"] for r in rows})
-    grid = torch.full((len(layers), len(mats)), float("nan"))
-    for r in rows:
-        grid[layers.index(r["layer"]), mats.index(r["matrix"])] = r["effective_rank"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mats), 1.0 + 0.4 * len(layers)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    mid = (float(grid.nan_to_num(0).max()) + float(grid.nan_to_num(1e9).min())) / 2
-    for i in range(len(layers)):
-        for j in range(len(mats)):
-            if not math.isnan(grid[i, j]):
-                ax.text(j, i, int(grid[i, j]), ha="center", va="center", fontsize=7,
-                        color="k" if grid[i, j] > mid else "w")
-    ax.set_xticks(range(len(mats)), mats)
-    ax.set_yticks(range(len(layers)), layers)
-    ax.set_xlabel("matrix")
-    ax.set_ylabel("layer")
-    ax.set_title("HTA: effective rank of H(v_l) diag(d) H(v_r)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -1,9 +1,10 @@
 """Read and validate many ``results.json`` run records, group them into table rows, and select
 hyper-parameters.
 
-The record is written by the training loop (``peft_vit/engine/loop.py``), one per run. Every
-record read is validated (:data:`SCHEMA`); a malformed one is skipped and named, with its path,
-in :attr:`Collection.issues` (``scripts/make_table.py --strict`` refuses instead).
+The record is written by the training loop (``peft_vit/engine/loop.py``), one per run, and
+read through :class:`peft_vit.record.RunRecord`, which defines and validates it; a malformed
+one is skipped and named, with its path, in :attr:`Collection.issues`
+(``scripts/make_table.py --strict`` refuses instead).
 
 Views
 -----
@@ -34,7 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from ..record import RESULTS
+from ..record import RESULTS, RecordError, RunRecord
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
 BACKBONE_MARKS = {DEFAULT_BACKBONE: "", "vit_base_patch16_224.augreg_in21k": "*"}  # the papers' * rows
@@ -68,33 +69,6 @@ IGNORED_CONFIG_KEYS = (
 # --------------------------------------------------------------------------- records
 
 NUMBER = (int, float)
-SCHEMA: Dict[str, Tuple[type, ...]] = {  # key -> accepted types; the first five are required
-    "method": (str,), "dataset": (str,), "task": (str,), "protocol": (str,), "seed": (int,),
-    "experiment": (str, type(None)), "config": (dict,), "test_acc": NUMBER, "val_acc": NUMBER,
-    "best_acc_over_epochs": NUMBER, "best_acc_selects_on": (str,), "eval_split": (str,),
-    "trainable_params": NUMBER, "trainable_params_no_head": NUMBER,
-}
-REQUIRED = ("method", "dataset", "task", "protocol", "seed")
-ACCURACY = {"final": "test_acc", "tune": "val_acc"}  # the accuracy a record of each protocol must hold
-
-
-def record_problems(d: Any) -> List[str]:
-    """What makes ``d`` not a valid run record (empty when it is one)."""
-    if not isinstance(d, dict):
-        return ["not a JSON object"]
-    out = [f"missing {k!r}" for k in REQUIRED if k not in d]
-    for k, types in SCHEMA.items():
-        if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool)):
-            out.append(f"{k!r} is {type(d[k]).__name__}, expected {' or '.join(t.__name__ for t in types)}")
-    out += [f"{k!r} is empty" for k in REQUIRED[:3] if d.get(k) == ""]
-    out += [f"{k!r} is {d[k]}, expected a finite number" for k, types in SCHEMA.items()
-            if types is NUMBER and isinstance(d.get(k), float) and not math.isfinite(d[k])]
-    if isinstance(d.get("protocol"), str):
-        if d["protocol"] not in ACCURACY:
-            out.append(f"'protocol' is {d['protocol']!r}, expected tune or final")
-        elif ACCURACY[d["protocol"]] not in d:
-            out.append(f"missing {ACCURACY[d['protocol']]!r} (the accuracy of a {d['protocol']} record)")
-    return out
 
 
 def settings_of(configs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -120,26 +94,32 @@ def _get(d: Any, dotted: str, default=None):
 
 @dataclass
 class Record:
-    """One validated results.json. ``path`` is relative to the directory given (for messages)."""
+    """One validated results.json as the report groups it. ``path`` is relative to the directory
+    given (for messages)."""
     path: str
-    data: Dict[str, Any]
+    run: RunRecord
     file: Optional[Path] = None
     settings: Dict[str, Any] = field(default_factory=dict)  # the config as settings_of gives it
 
-    method = property(lambda self: self.data["method"])
-    dataset = property(lambda self: self.data["dataset"])
-    task = property(lambda self: self.data["task"])
-    protocol = property(lambda self: self.data["protocol"])
-    seed = property(lambda self: self.data["seed"])
-    experiment = property(lambda self: self.data.get("experiment"))
-    config = property(lambda self: self.data.get("config") or {})
+    method = property(lambda self: self.run.method)
+    dataset = property(lambda self: self.run.dataset)
+    task = property(lambda self: self.run.task)
+    protocol = property(lambda self: self.run.protocol)
+    seed = property(lambda self: self.run.seed)
+    experiment = property(lambda self: self.run.experiment)
+    config = property(lambda self: self.run.config or {})
     backbone = property(lambda self: str(_get(self.config, "model.name") or DEFAULT_BACKBONE))
 
+    @cached_property
+    def data(self) -> Dict[str, Any]:
+        """The record as its file holds it."""
+        return self.run.to_dict()
+
     def value(self, view: View) -> Optional[float]:
-        v = self.data.get(view.field)
-        if self.protocol != view.protocol or not isinstance(v, NUMBER) or isinstance(v, bool):
+        v = getattr(self.run, view.field)
+        if self.protocol != view.protocol or v is None:
             return None
-        if view.field == "best_acc_over_epochs" and self.data.get("best_acc_selects_on", "test") != "test":
+        if view.field == "best_acc_over_epochs" and (self.run.best_acc_selects_on or "test") != "test":
             return None  # a final record whose max selects on something else: not this view
         return float(v)
 
@@ -179,15 +159,9 @@ def load_records(paths: Sequence[os.PathLike]) -> Collection:
         if len(paths) > 1:  # prefix the directory as it was given
             rel = f"{root.as_posix().rstrip('/')}/{rel}"
         try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            issues.append(f"unreadable {rel}: {e}")
-            continue
-        bad = record_problems(data)
-        if bad:
-            issues.append(f"malformed {rel}: {'; '.join(bad)}")
-        else:
-            recs.append(Record(rel, data, f))
+            recs.append(Record(rel, RunRecord.read(f), f))
+        except RecordError as e:
+            issues.append(f"{'unreadable' if e.unreadable else 'malformed'} {rel}: {'; '.join(e.problems)}")
     for r, s in zip(recs, settings_of([r.config for r in recs])):
         r.settings = s
     return Collection(sorted(recs, key=lambda r: r.path), issues)

@@ -7,16 +7,18 @@ figure as ``<stem>.json``, so tests and readers can check the plotted numbers wi
   (incl. head, log x), ours (circles) beside the papers' (triangles), one Pareto front per
   protocol (protocols never share a front).
 * :func:`plot_householder_ranks` — HTA's per-layer effective rank of the H-term
-  (``results.json["householder"]``), mean over tasks (each task: mean over seeds), as a
-  layer × matrix heatmap and as lines.
+  (``results.json["householder"]``; the 90 % energy rank), mean over tasks (each task: mean
+  over seeds), as a layer × matrix heatmap and as lines. :func:`plot_run` draws it for one run,
+  beside its record (the loop calls it).
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..record import RunRecord
 from .collect import BACKBONE_MARKS, Record
 from .tables import PAPER_PROTOCOL, Table
 
@@ -154,7 +156,7 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
 
 # --------------------------------------------------------------------------- householder ranks
 
-MATRIX_ORDER = ["q", "k", "v", "o", "qkv", "fc1", "fc2"]
+MATRIX_ORDER = ["q", "k", "v", "qkv", "o", "fc1", "fc2"]  # a block's order: attention, then MLP
 
 
 def householder_entries(diag: Any) -> List[Tuple[int, str, float]]:
@@ -184,45 +186,62 @@ def householder_entries(diag: Any) -> List[Tuple[int, str, float]]:
     return rows
 
 
+def rank_definition(diag: Any) -> str:
+    """What a record's ``effective_rank`` counts: the method says so (``effective_rank_is``:
+    the 90 % energy rank); older records cut at ``rank_threshold`` · max|d|."""
+    if isinstance(diag, dict) and isinstance(diag.get("effective_rank_is"), str):
+        return diag["effective_rank_is"]
+    if isinstance(diag, dict) and isinstance(diag.get("rank_threshold"), (int, float)):
+        return f"rank_above_{diag['rank_threshold'] * 100:g}pct_max: #|d_i| > {diag['rank_threshold']:g}·max|d|"
+    return "effective_rank (undefined by the record)"
+
+
+def _run(r: Union[Record, RunRecord]) -> RunRecord:
+    return r.run if isinstance(r, Record) else r
+
+
 def householder_groups(records: Sequence[Record], protocol: Optional[str] = "final") -> Dict[str, List[Record]]:
-    """Householder records with diagnostics, grouped by (dataset, backbone, experiment, protocol)."""
-    groups: Dict[str, List[Record]] = {}
+    """Householder records with diagnostics, grouped by (dataset, backbone, experiment, protocol)
+    and by what their rank counts (:func:`rank_definition`; named in the group when it varies):
+    ranks of different definitions are never averaged together."""
+    groups: Dict[Tuple[str, str], List[Record]] = {}
     for r in records:
         if r.method != "householder" or (protocol and r.protocol != protocol):
             continue
-        if not householder_entries(r.data.get("householder")):
+        if not householder_entries(r.run.diagnostics):
             continue
         mark = BACKBONE_MARKS.get(r.backbone)
         name = "_".join(x for x in (r.dataset, r.protocol, r.experiment or "",
                                     "augreg" if mark == "*" else (r.backbone if mark is None else "")) if x)
-        groups.setdefault(name, []).append(r)
-    return dict(sorted(groups.items()))
+        groups.setdefault((name, rank_definition(r.run.diagnostics)), []).append(r)
+    names = [name for name, _ in groups]
+    return dict(sorted((name if names.count(name) == 1 else f"{name}_{defn.split(':')[0]}", recs)
+                       for (name, defn), recs in groups.items()))
 
 
-def householder_rank_data(records: Sequence[Record]) -> Dict[str, Any]:
+def householder_rank_data(records: Sequence[Union[Record, RunRecord]]) -> Dict[str, Any]:
     """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
     import pandas as pd
 
-    df = pd.DataFrame([(r.task, layer, mat, rank) for r in records
-                       for layer, mat, rank in householder_entries(r.data.get("householder"))],
+    runs = [_run(r) for r in records]
+    df = pd.DataFrame([(r.task, layer, mat, rank) for r in runs for layer, mat, rank in householder_entries(r.diagnostics)],
                       columns=["task", "layer", "matrix", "rank"])
     per_task = df.groupby(["task", "layer", "matrix"])["rank"].mean()
     grid = per_task.groupby(["layer", "matrix"]).agg(["mean", "count"]).unstack()
     mats = sorted(df["matrix"].unique(), key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
     mean = grid["mean"].reindex(columns=mats) if len(df) else pd.DataFrame()
     count = grid["count"].reindex(columns=mats).fillna(0).astype(int) if len(df) else pd.DataFrame()
-    diags = [r.data["householder"] for r in records if isinstance(r.data.get("householder"), dict)]
-    full = {float(row["full_rank"]) for d in diags for row in d.get("per_matrix") or d.get("layers") or []
+    full = {float(row["full_rank"]) for r in runs for row in r.diagnostics.get("per_matrix") or r.diagnostics.get("layers") or []
             if isinstance(row, dict) and "full_rank" in row}
-    thresholds = sorted({float(d["rank_threshold"]) for d in diags if isinstance(d.get("rank_threshold"), (int, float))})
     return {"tasks": sorted(df["task"].unique()), "n_records": len(records), "layers": mean.index.tolist(),
-            "matrices": mats, "rank_threshold": thresholds,
+            "matrices": mats, "effective_rank_is": sorted({rank_definition(r.diagnostics) for r in runs}),
             "mean_effective_rank": [[None if pd.isna(v) else round(v, 6) for v in row] for row in mean.values.tolist()],
             "n_tasks": count.values.tolist(), "full_rank": sorted(full) or None,
             "aggregation": "per task: mean over seeds; then mean over tasks"}
 
 
-def plot_householder_ranks(records: Sequence[Record], stem: Path, title: str = "") -> Dict[str, Any]:
+def plot_householder_ranks(records: Sequence[Union[Record, RunRecord]], stem: Path, title: str = "",
+                           formats: Sequence[str] = ("png", "pdf")) -> Dict[str, Any]:
     """Layer × matrix heatmap and per-matrix lines of the mean effective rank of HTA's H-term."""
     data = householder_rank_data(records)
     plt = _mpl()
@@ -245,13 +264,22 @@ def plot_householder_ranks(records: Sequence[Record], stem: Path, title: str = "
     a1.set_xlabel("matrix")
     a1.set_ylabel("layer")
     a2.set_xlabel("layer")
-    thr = ", ".join(f"{t:g}" for t in data["rank_threshold"]) or "?"
-    a2.set_ylabel(f"effective rank of H(v_l) diag(d) H(v_r)\n(#|d_i| > {thr}·max|d|)")
+    a2.set_ylabel("effective rank of H(v_l) diag(d) H(v_r)\n" + "\n".join(data["effective_rank_is"]), fontsize=7)
     a2.grid(True, alpha=0.3)
     fig.suptitle(f"HTA per-layer effective rank, mean over {len(data['tasks'])} tasks"
                  + (f" — {title}" if title else ""), fontsize=9)
     fig.tight_layout()
     data["title"] = title
-    _save(fig, stem, data)
+    _save(fig, stem, data, formats)
     plt.close(fig)
     return data
+
+
+def plot_run(record: RunRecord, out_dir: Path) -> List[Path]:
+    """One run's figures of its method's diagnostics, beside its results.json (the loop calls
+    this after writing the record): HTA's ``householder_rank.png`` (+ ``.json``, its data)."""
+    if record.method != "householder" or not householder_entries(record.diagnostics):
+        return []
+    stem = Path(out_dir) / "householder_rank"
+    plot_householder_ranks([record], stem, title=f"{record.dataset}/{record.task}, seed {record.seed}", formats=("png",))
+    return [stem.with_suffix(".png"), stem.with_suffix(".json")]
