@@ -46,8 +46,6 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
 OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5}  # × full's ops

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
+# a sibling script: scripts/ is on sys.path as this script's folder (and in pytest's pythonpath)
 from benchmark_data import generate  # noqa: E402
 
 

@@ -23,8 +23,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.report.collect import VIEWS, load_records  # noqa: E402
 from peft_vit.report.tables import RENDERERS, build_table, safe_stems, to_markdown, write_table  # noqa: E402
 

@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.report.collect import load_records  # noqa: E402
 from peft_vit.report.plots import householder_groups, plot_accuracy_vs_params, plot_householder_ranks  # noqa: E402
 from peft_vit.report.tables import build_table, safe_stems  # noqa: E402

@@ -16,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.data import fgvc  # noqa: E402
 
 DEFAULT_ROOT = Path(os.environ.get("PEFT_VIT_DATA", Path(__file__).resolve().parents[1] / "datasets")) / "fgvc"

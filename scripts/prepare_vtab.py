@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.data.vtab import TASKS, get_task  # noqa: E402
 
 DEFAULT_ROOT = Path(os.environ.get("PEFT_VIT_DATA", Path(__file__).resolve().parents[1] / "datasets")) / "vtab-1k"

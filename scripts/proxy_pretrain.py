@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.data import proxy  # noqa: E402
 from peft_vit.data.transforms import normalization  # noqa: E402
 

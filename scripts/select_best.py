@@ -32,8 +32,6 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from peft_vit.report.collect import SelectionError, load_records, select_best  # noqa: E402
 
 

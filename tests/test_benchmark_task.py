@@ -2,7 +2,11 @@
 the peer-style reference loop, with every figure it reports."""
 import json
 
+import pytest
+
 from test_data_scripts import script
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_task_tiny(tmp_path, capsys):

@@ -87,6 +87,7 @@ def _absolute(spec, sizes):
             for a in tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)]
 
 
+@pytest.mark.tfds
 @pytest.mark.parametrize("name", list(SPEC_VTAB))
 def test_split_strings_select_spec_counts(name):
     """With the real tfds split sizes, tfds' own slicing of each split string yields 800 / 200 /

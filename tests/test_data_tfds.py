@@ -18,6 +18,8 @@ from peft_vit.data.tfds_source import import_tfds  # noqa: E402
 tfds = import_tfds()  # tensorflow-datasets is in requirements.txt: these tests run, never skip
 import tensorflow as tf  # noqa: E402
 
+pytestmark = pytest.mark.tfds
+
 # Split sizes served by the mock: the real ones (so every VTAB slice is valid), except that the
 # split the test set is cut from is made short, so the test sets stay a handful of images.
 FAKE_SIZES = {

@@ -12,6 +12,8 @@ from peft_vit.data import vtab
 from test_data_fgvc import make_fgvc
 from test_data_folder import make_task
 
+pytestmark = pytest.mark.slow
+
 
 def train(tmp_path, *args, method="linear"):
     out = tmp_path / "run"

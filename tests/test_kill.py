@@ -10,10 +10,13 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
        "PYTHONUNBUFFERED": "1"}

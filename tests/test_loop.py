@@ -42,6 +42,7 @@ def quick_run(tmp_path_factory):
     return d, r
 
 
+@pytest.mark.slow
 def test_learns_on_digits_and_writes_complete_record(quick_run):
     d, r = quick_run
     rec = record(d)
@@ -59,6 +60,7 @@ def test_learns_on_digits_and_writes_complete_record(quick_run):
     assert (d / "trainable.safetensors").exists() and not (d / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_tune_protocol_reports_val(tmp_path):
     train(tmp_path, "method=linear", "protocol=tune", "trainer.epochs=2", "trainer.save_weights=false")
     rec = record(tmp_path)
@@ -66,6 +68,7 @@ def test_tune_protocol_reports_val(tmp_path):
     assert "test_acc" not in rec and rec["trainable_params"] == 650 and rec["trainable_params_no_head"] == 0
 
 
+@pytest.mark.slow
 def test_skip_done(quick_run):
     d, _ = quick_run
     before = (d / "results.json").stat().st_mtime_ns
@@ -80,6 +83,7 @@ def _children(pid):
         return []
 
 
+@pytest.mark.slow
 def test_sigterm_to_process_group_with_workers_then_relaunch_equals_uninterrupted(tmp_path):
     """As SLURM, `timeout` and container runtimes do: SIGTERM to every process of the run,
     DataLoader workers included (2 workers decode the test images from their folder). The
@@ -115,6 +119,7 @@ def test_sigterm_to_process_group_with_workers_then_relaunch_equals_uninterrupte
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     args = ["method=full", "trainer.epochs=2", "trainer.eval_every=1", "model.drop_path_rate=0.0"]
     one = tmp_path / "one"

@@ -178,6 +178,7 @@ def damaged_then_finished(tmp_path_factory):
     return d, required, auto
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_end_to_end(damaged_then_finished):
     d, required, auto = damaged_then_finished
     err = required.stdout + required.stderr
@@ -186,6 +187,7 @@ def test_damaged_checkpoint_end_to_end(damaged_then_finished):
     assert len(list(d.glob("checkpoint.pt.unreadable-*"))) == 1 and not (d / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_log_file_gets_rate_limited_progress_and_one_line_per_evaluation(damaged_then_finished):
     """Not a terminal: one progress line at the start and one at the end within log_every_s,
     whatever the number of steps; each evaluation one line on stdout."""
@@ -197,6 +199,7 @@ def test_log_file_gets_rate_limited_progress_and_one_line_per_evaluation(damaged
     assert [ln.split(":")[0] for ln in evals] == [f"[peft-vit] epoch {e}" for e in (1, 2, 3, 4)]
 
 
+@pytest.mark.slow
 def test_skip_done_runs_only_the_same_config(damaged_then_finished):
     d = damaged_then_finished[0]
     before = (d / "results.json").stat().st_mtime_ns
@@ -210,6 +213,7 @@ def test_skip_done_runs_only_the_same_config(damaged_then_finished):
     assert not (d / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_second_launch_into_a_live_run_dir_exits_naming_the_owner(tmp_path):
     d = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train.py", *FAST, f"hydra.run.dir={d}", "method=full",
