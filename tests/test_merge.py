@@ -10,7 +10,7 @@ from conftest import TINY_MODEL, build, train_steps
 from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, NotMergeableError, PeftModule
 from peft_vit.methods.base import InputTap, InsertedParallel
 
-NOT_MERGEABLE = {"adapter"}
+NOT_MERGEABLE = {m for m, cls in METHODS.items() if not cls.mergeable}
 TRIVIAL = {"linear", "full"}  # nothing to fold
 MERGEABLE = sorted(set(METHODS) - NOT_MERGEABLE - TRIVIAL)
 WRAPPERS = (PeftModule, AdaptedLinear, InsertedAfter, InsertedParallel, InputTap)
@@ -22,7 +22,7 @@ def _fresh_timm():
 
 
 def test_registry_has_the_methods_this_file_covers():
-    assert {"linear", "full", "adapter"} <= set(METHODS)
+    assert {"linear", "full"} <= set(METHODS) and NOT_MERGEABLE == {"adapter"}
     assert MERGEABLE, "no mergeable method registered"
 
 
@@ -71,9 +71,12 @@ def test_baselines_merge_to_themselves(method, tiny_input):
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "adaptformer"])
 def test_adapter_is_not_mergeable(placement, tiny_input):
-    model = build("adapter", placement=placement)
-    assert METHODS["adapter"].mergeable is False
+    model = train_steps(build("adapter", placement=placement), tiny_input, steps=1)
+    with torch.no_grad():
+        before = model(tiny_input)
     with pytest.raises(NotMergeableError, match="not mergeable"):
         peft_vit.merge(model)
-    # nothing was folded before the refusal
+    # nothing was folded before the refusal: the same modules, the same outputs
     assert any(isinstance(m, (InsertedAfter, InsertedParallel)) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(tiny_input), before)

@@ -4,19 +4,12 @@ import torch
 import torch.nn.functional as F
 
 import peft_vit
-from conftest import VIT_B16, build, digits_accuracy, train_steps
+from conftest import VIT_B16, build, train_steps
 from peft_vit.methods.kadaptation import KAdaptationDelta, KronBias, KronRules
 
 
 def deltas(model):
     return [(blk.attn.qkv.deltas["q"], blk.attn.qkv.deltas["v"]) for blk in model.blocks]
-
-
-def test_vit_b16_count():
-    with torch.device("meta"):
-        model = build("kadaptation", VIT_B16)
-    assert peft_vit.count_parameters(model)["trainable_params_no_head"] == 50_176
-    assert peft_vit.count_parameters(model)["trainable_params"] == 50_176 + 768 * 100 + 100
 
 
 @pytest.mark.parametrize("kw,expected", [
@@ -54,21 +47,6 @@ def test_delta_weight_is_sum_of_kronecker_products():
     torch.testing.assert_close(delta(x, None, None), F.linear(x, expected, delta.bias_module.bias))
 
 
-def test_identity_at_start(tiny_input):
-    plain, model = build("linear").eval(), build("kadaptation").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tiny_input), plain(tiny_input), atol=1e-6, rtol=0)
-
-
-def test_every_trainable_tensor_changes_in_three_steps():
-    model = build("kadaptation")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.endswith("rules.a") for n in before) and any(n.endswith(".u") for n in before)
-    train_steps(model, steps=3)
-    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, unchanged
-
-
 def test_only_q_and_v_blocks_change():
     model = train_steps(build("kadaptation"), steps=3)
     ref = build("linear")
@@ -96,8 +74,3 @@ def test_dropout_drops_terms_in_training_only():
     torch.testing.assert_close(delta(x, None, None), F.linear(x, delta.delta_weight(None)))
     delta.train()
     assert not torch.allclose(delta(x, None, None), F.linear(x, delta.delta_weight(None)))
-
-
-def test_learns_digits():
-    acc = digits_accuracy(build("kadaptation"))
-    assert acc > 0.3, acc  # chance 0.10; linear probe on this random backbone ~0.15

@@ -1,19 +1,17 @@
 """LoRA (NOAH's setting), SPEC §2.2."""
 import copy
 
-import pytest
 import torch
 
 import peft_vit
-from conftest import TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
+from conftest import TINY_MODEL, VIT_B16, build, train_steps
 from peft_vit.backbone import create_backbone
 from peft_vit.methods.lora import LoRADelta
 
 
-@pytest.mark.parametrize("targets", [["qkv"], ["q", "v"]])
-def test_vit_b16_count(targets):
+def test_vit_b16_count_q_v():  # the default's count: test_method_contract.py
     with torch.device("meta"):
-        model = build("lora", VIT_B16, targets=targets)
+        model = build("lora", VIT_B16, targets=["q", "v"])
     assert peft_vit.count_parameters(model)["trainable_params_no_head"] == 294_912
 
 
@@ -26,21 +24,6 @@ def test_defaults_are_noah():
     assert torch.count_nonzero(delta.lora_B) == 0
     bound = 1 / 64 ** 0.5  # kaiming-uniform(a=√5) on (8, 64)
     assert delta.lora_A.abs().max() <= bound and delta.lora_A.abs().max() > 0.8 * bound
-
-
-def test_identity_at_start(tiny_input):
-    plain, model = build("linear").eval(), build("lora").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(tiny_input), plain(tiny_input), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("targets", [["qkv"], ["q", "v"]])
-def test_every_trainable_tensor_changes_in_three_steps(targets):
-    model = build("lora", targets=targets)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train_steps(model, steps=3)
-    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
-    assert not unchanged, unchanged
 
 
 def test_q_v_targets_leave_k_rows_alone():
@@ -111,11 +94,6 @@ def test_alpha_scales():
     x = torch.randn(3, 16)
     torch.testing.assert_close(d(x, None, None), 2.0 * x @ (d.lora_B @ d.lora_A).T)
     torch.testing.assert_close(d.delta_weight(None), 2.0 * d.lora_B @ d.lora_A)
-
-
-def test_learns_digits():
-    acc = digits_accuracy(build("lora"))
-    assert acc > 0.3, acc  # chance 0.10; linear probe on this random backbone ~0.15
 
 
 def test_q_v_batched_step_equals_block_by_block(tiny_input):

@@ -1,40 +1,25 @@
 """RLRR (SPEC §2.4): targets, block-wise qkv, SSF placement, official init, counts, residual
 dropout, training, exact merge."""
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 import peft_vit
-from conftest import CONFIGS, TINY_JAX, TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
-from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, PeftModule
+from conftest import TINY_MODEL, VIT_B16, build, train_steps
+from peft_vit.methods import AdaptedLinear, InsertedAfter, PeftModule
 from peft_vit.methods.rlrr import SSF, ResidualDropout, RLRRDelta
 
 LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
-def test_config_matches_constructor_defaults():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "method" / "rlrr.yaml"))
-    assert cfg.pop("name") == "rlrr"
-    sig = inspect.signature(METHODS["rlrr"].__init__).parameters
-    assert set(cfg) == set(sig) - {"self"}
-    for k, v in cfg.items():
-        d = sig[k].default
-        assert (list(d) if isinstance(d, tuple) else d) == v, k
-
-
 # --------------------------------------------------------------------------- counts
 
-def test_vit_b16_count_and_breakdown():
+def test_vit_b16_count_breakdown():  # the total: test_method_contract.py
     model = build("rlrr", VIT_B16)
-    c = peft_vit.count_parameters(model)
-    assert c["trainable_params_no_head"] == 288_768
-    assert c["trainable_params"] == 288_768 + 768 * 100 + 100
     per_block = sum(p.numel() for p in model.blocks[0].parameters() if p.requires_grad)
     assert per_block == 4 * 2_304 + 6_912 + 4_608 + 2 * 1_536 == 23_808  # SPEC's breakdown
     outside = sum(p.numel() for n, p in model.named_parameters()
@@ -151,16 +136,6 @@ def test_residual_dropout_is_element_wise_and_replaces_drop_path():
 
 # --------------------------------------------------------------------------- training and merge
 
-def test_every_trainable_tensor_changes_in_3_steps(tiny_input):
-    model = build("rlrr")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    train_steps(model, tiny_input, steps=3)
-    params = dict(model.named_parameters())
-    assert not [n for n, v in before.items() if torch.equal(v, params[n])]
-    assert all(torch.equal(v, params[n]) for n, v in frozen.items())
-
-
 def _assert_plain_vit(model):
     assert type(model) is VisionTransformer
     bad = [n for n, m in model.named_modules()
@@ -201,10 +176,3 @@ def test_merged_matches_timm_state_dict(tiny_input):
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.allclose(fresh(tiny_input), ref, atol=1e-4)
-
-
-# --------------------------------------------------------------------------- learns on digits
-
-def test_learns_digits():
-    acc = digits_accuracy(build("rlrr", TINY_JAX), epochs=4, lr=1e-2)
-    assert acc > 0.30, acc  # chance 10%; a linear probe of this random backbone reaches ~25%

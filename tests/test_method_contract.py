@@ -1,0 +1,97 @@
+"""The contract every registered method keeps, one row per method: its config keys are its
+constructor's parameters, its exact ViT-B/16 count, whether it starts as the backbone, every
+trainable tensor moves and every frozen one stays, and it learns on digits. (Merging, over
+``METHODS`` as well, is in test_merge.py.) Adding a method costs one row here; its own test file
+holds only what is specific to its math."""
+import inspect
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import peft_vit
+from conftest import CONFIGS, TINY_JAX, TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
+from peft_vit.methods import METHODS
+
+FULL = 85_798_656  # the ViT-B/16 backbone without its head
+HEAD = 768 * 100 + 100  # VIT_B16's 100-class head
+
+
+class Row(NamedTuple):
+    count: int  # trainable parameters of ViT-B/16 without the head (README's method table)
+    identity: bool  # at initialisation the model computes exactly the backbone's outputs
+    # digits_accuracy settings under which it must beat 0.30 (chance 0.10; a linear probe of these
+    # random backbones reaches 0.15 / 0.24); None for the probe itself
+    digits: Optional[dict] = dict(model=TINY_MODEL)
+
+
+ROWS = {
+    "linear": Row(0, True, digits=None),
+    "full": Row(FULL, True, digits=dict(model=TINY_JAX, epochs=4, lr=1e-3)),
+    "householder": Row(184_320, True),
+    "lora": Row(294_912, True),
+    "adapter": Row(156_768, False, digits=dict(model=TINY_JAX, epochs=5, lr=1e-2)),  # xavier init
+    "rlrr": Row(288_768, False, digits=dict(model=TINY_JAX, epochs=4, lr=1e-2)),  # the official init
+    "kadaptation": Row(50_176, True),
+}
+# variants whose trainable set differs from the default's (other blocks, other modules)
+VARIANTS = [(m, {}) for m in ROWS] + [("lora", dict(targets=["q", "v"])), ("adapter", dict(placement="houlsby")),
+                                      ("adapter", dict(placement="adaptformer"))]
+
+
+def _id(v):
+    return v if isinstance(v, str) else "-".join(f"{k}={v}" for k, v in v.items()) or "default"
+
+
+def test_rows_cover_the_registry():
+    assert set(ROWS) == set(METHODS), "add a row for each registered method (and only for those)"
+
+
+@pytest.mark.parametrize("method", ROWS)
+def test_config_keys_are_the_constructor_parameters(method):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "method" / f"{method}.yaml"))
+    assert cfg.pop("name") == method
+    sig = inspect.signature(METHODS[method].__init__).parameters
+    assert set(cfg) == set(sig) - {"self"}
+    for k, v in cfg.items():
+        default = sig[k].default
+        assert (list(default) if isinstance(default, tuple) else default) == v, k
+
+
+@pytest.mark.parametrize("method", ROWS)
+def test_vit_b16_count(method):
+    c = peft_vit.count_parameters(build(method, VIT_B16))
+    assert c["trainable_params_no_head"] == ROWS[method].count
+    assert c["trainable_params"] == ROWS[method].count + HEAD
+    assert c["total_params"] == FULL + HEAD + (0 if method == "full" else ROWS[method].count)
+
+
+@pytest.mark.parametrize("method", ROWS)
+def test_identity_at_start(method, tiny_input):
+    plain, model = build("linear").eval(), build(method).eval()  # same seed: the same backbone
+    with torch.no_grad():
+        out, ref = model(tiny_input), plain(tiny_input)
+    if ROWS[method].identity:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    else:
+        assert not torch.allclose(out, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("method,kwargs", VARIANTS, ids=_id)
+def test_every_trainable_tensor_moves_and_every_frozen_one_stays(method, kwargs):
+    model = build(method, **kwargs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    train_steps(model, steps=3)  # a factor that starts at 0 gives its partner a gradient from step 2
+    params = dict(model.named_parameters())
+    assert not [n for n in trainable if torch.equal(params[n], before[n])], "trainable but unchanged"
+    assert not [n for n in set(params) - trainable if not torch.equal(params[n], before[n])], "frozen but changed"
+
+
+@pytest.mark.parametrize("method", [m for m, r in ROWS.items() if r.digits is not None])
+def test_learns_digits(method):
+    settings = dict(ROWS[method].digits)
+    acc = digits_accuracy(build(method, settings.pop("model")), **settings)
+    assert acc > 0.30, acc
