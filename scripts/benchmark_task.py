@@ -85,10 +85,12 @@ def train_run(method: str, common: list, out: Path, timeout: float) -> dict:
     util = gpu.stop()
     if r.returncode != 0:
         return {"method": method, "error": f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[-600:]}", **util}
-    rec = json.loads((run_dir / "results.json").read_text())
-    return {"method": method, "startup_s": rec.get("startup_s"), "train_img_s": rec["train_images_per_s"],
-            "eval_img_s": rec.get("eval_images_per_s"), "run_s": rec["wall_time_s"], "wall_s": round(wall, 1),
-            "acc": rec.get("test_acc", rec.get("val_acc")), **util}
+    from peft_vit.record import RESULTS, RunRecord
+
+    rec = RunRecord.read(run_dir / RESULTS)
+    return {"method": method, "startup_s": rec.startup_s, "train_img_s": rec.train_images_per_s,
+            "eval_img_s": rec.eval_images_per_s, "run_s": rec.wall_time_s, "wall_s": round(wall, 1),
+            "acc": rec.accuracy, **util}
 
 
 def peer_loop(cfg, folder: Path, epochs: int, eval_images: int, workers: int) -> dict:
