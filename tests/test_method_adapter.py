@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers.activations import QuickGELU
 
 import peft_vit
 from conftest import TINY_JAX, VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.methods import InsertedAfter
-from peft_vit.methods.adapter import Adapter, QuickGELU
+from peft_vit.methods.adapter import Adapter
 from peft_vit.methods.base import InputTap, InsertedParallel
 
 # --------------------------------------------------------------------------- counts

@@ -26,18 +26,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import get_act_layer
 
 from .base import Method, PeftModule, insert_after, insert_parallel, register_method
 
 PLACEMENTS = ("pfeiffer", "houlsby", "adaptformer")
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": QuickGELU, "relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS = {"quick_gelu": get_act_layer("quick_gelu"), "relu": nn.ReLU, "gelu": nn.GELU}  # x·σ(1.702x)
 
 
 class Adapter(PeftModule):
