@@ -51,6 +51,7 @@ def build_model(cfg: Mapping) -> "nn.Module":
         name=mcfg["name"], num_classes=int(mcfg["num_classes"]), pretrained=bool(mcfg.get("pretrained", True)),
         checkpoint=mcfg.get("checkpoint"), drop_path_rate=float(mcfg.get("drop_path_rate", 0.0)),
         img_size=int(mcfg.get("img_size", 224)), overrides=mcfg.get("overrides") or {},
+        zero_head=bool(mcfg.get("zero_head", False)),
     )
     from .backbone import create_backbone
     from .methods import get_method

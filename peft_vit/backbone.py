@@ -85,12 +85,24 @@ def create_backbone(
     drop_path_rate: float = 0.0,
     img_size: int = 224,
     overrides: Optional[Dict[str, Any]] = None,
+    zero_head: bool = False,
 ) -> nn.Module:
-    """A timm ViT with a fresh ``Linear(width, num_classes)`` head.
+    """A timm ViT with a fresh ``Linear(width, num_classes)`` head (timm's init: weight
+    trunc-normal(0.02), bias 0; with ``zero_head`` weight and bias 0, as RLRR's official script).
 
     ``overrides`` go to ``timm.create_model`` (``patch_size``, ``depth``, ``embed_dim``,
     ``num_heads`` … for tiny test models).
     """
+    model = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
+    if zero_head:
+        head = model.get_classifier()
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+    return model
+
+
+def _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate,
                                   img_size=img_size, **dict(overrides or {}))
     if checkpoint:

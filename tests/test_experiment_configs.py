@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS, compose
 
-PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr"]
+PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr", "fgvc_hta"]
 
 # SPEC §5, copied verbatim: RLRR's per-task lr / wd / drop / flip
 SPEC_RLRR = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
@@ -54,7 +54,7 @@ def test_preset_sets_only_known_keys(preset):
     preset_cfg = compose(f"experiment={preset}")
     base = job(compose(f"dataset={preset_cfg.hydra.runtime.choices.dataset}"))
     base["method"] = job(compose(f"method={preset_cfg.method.name}"))["method"]
-    new_ok = {"optim.cooldown_epochs"}
+    new_ok = {"optim.cooldown_epochs", "model.zero_head"}
 
     def walk(d, prefix=""):
         for k, v in d.items():
@@ -81,6 +81,15 @@ def test_vtab_noah(method):
     assert c.model.drop_path_rate == 0.1 and c.dataset.normalize == "imagenet" and c.dataset.flip is False
     assert c.optim.name == "adamw"
     assert compose("experiment=vtab_noah").method.name == "lora"  # the preset's default method
+    assert c.method.init == "noah"  # NOAH as its code runs: every Linear re-initialised
+    assert compose(f"method={method}").method.init == "paper"  # the method's own default
+
+
+@pytest.mark.parametrize("preset", ["vtab_rlrr", "fgvc_rlrr"])
+def test_rlrr_presets_zero_the_head_and_use_the_official_decay_groups(preset):
+    c = compose(f"experiment={preset}", "dataset=vtab/dtd" if preset == "vtab_rlrr" else "dataset=fgvc/cub")
+    assert c.model.zero_head is True and c.method.decay_groups == "official"
+    assert "zero_head" not in compose("method=rlrr").model  # the plain model keeps timm's head init
 
 
 def test_vtab_rlrr_dtd():
@@ -143,6 +152,16 @@ def test_vtab_hta():
     assert (c.trainer.epochs, c.optim.warmup_epochs, c.optim.name) == (100, 10, "adamw")
     assert c.optim.lr in HTA_LR and c.optim.weight_decay in HTA_WD
     assert c.trainer.eval_every == 1
+
+
+def test_fgvc_hta():
+    """HTA's FGVC recipe beside fgvc_rlrr: random-resized-crop + flip, its lr × wd grid."""
+    c = compose("experiment=fgvc_hta", "dataset=fgvc/dogs")
+    assert c.method.name == "householder" and c.protocol == "tune" and c.dataset.task == "dogs"
+    assert c.dataset.train_crop == "random_resized" and c.dataset.flip is True
+    assert grid(c, "optim.lr") == HTA_LR and grid(c, "optim.weight_decay") == HTA_WD
+    assert (c.trainer.epochs, c.optim.warmup_epochs, c.optim.name, c.trainer.eval_every) == (100, 10, "adamw", 1)
+    assert compose("experiment=fgvc_hta").dataset.name == "fgvc"
 
 
 def test_vtab_honest():

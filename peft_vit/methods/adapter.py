@@ -1,4 +1,4 @@
-"""Bottleneck adapters (SPEC §2.3), as run for the VTAB tables by NOAH.
+"""Bottleneck adapters, as run for the VTAB tables by NOAH (ZhangYuanhan-AI/NOAH).
 
 Default (``placement: pfeiffer``, NOAH's): one sequential adapter per block, after the MLP branch
 and before its residual add::
@@ -16,6 +16,12 @@ Other placements:
       x = x + DropPath(MLP(LN2(x))) + s · W_up · Dropout(ReLU(W_down x + b_d)) + b_u
 
   with s = 0.1, W_down kaiming-uniform (a=√5), W_up and biases zero: the identity at start.
+
+Initialisation (``init``): ``paper`` (default) is the placement's own, above (``xavier``:
+xavier-uniform weights, N(0, 1e-6) biases; ``lora``: down kaiming-uniform, up and biases zero;
+either can be named directly). ``noah`` is what NOAH's code actually runs: its model calls
+``init_weights`` after building the blocks, which re-initialises every Linear, the adapters'
+included, to trunc-normal(std 0.02) weights and zero biases. The ``vtab_noah`` preset uses it.
 
 Adapters have a non-linearity between their projections: not mergeable.
 """
@@ -63,8 +69,12 @@ class Adapter(PeftModule):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.bias)
+        elif init == "noah":  # NOAH's init_weights, run after the model is built
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
         else:
-            raise ValueError(f"adapter init={init!r}; choose xavier or lora")
+            raise ValueError(f"adapter init={init!r}; choose paper, noah, xavier or lora")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.up(self.dropout(self.act(self.down(z))))
@@ -95,7 +105,7 @@ class AdapterMethod(Method):
         self.placement = placement
         self.act = act or d_act
         self.scale = d_scale if scale is None else float(scale)
-        self.init = init or d_init
+        self.init = d_init if init in (None, "paper") else init
         self.blocks = blocks
 
     def _adapter(self, dim: int, residual: bool) -> Adapter:

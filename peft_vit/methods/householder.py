@@ -18,9 +18,9 @@ Choices where the paper is silent (this is the one place they are stated; the RE
     U(±1/√in), and ``w_out = 0``;
   - ``output_kaiming`` (this project's first choice): ``w_out`` kaiming-uniform(a=√5) with
     fan_in = D', i.e. U(±1/√D') (U(±1) at D' = 1), and ``w_in = 0``. Under Adam every entry of
-    the zero factor moves by about lr on step 1, so this add-on's first update is about √in
-    times the H-term's (whose entries move by lr on a unit-norm basis) and swamps the part whose
-    per-layer rank is the paper's claim.
+    the zero factor moves by about lr on step 1; in Frobenius norm this add-on's first update is
+    then about √(in/3) times the H-term's (16× at in = 768; ``lora``: about 1/√3 of it), and it
+    swamps the part whose per-layer rank is the paper's claim.
 * weight decay (``decay_vectors``): the paper tunes weight decay over {0.05 … 0} without saying
   which tensors it acts on. ``false`` (default) keeps timm's rule, under which the 1-d ``d``,
   ``v_l`` and ``v_r`` never decay: the grid then acts only on the add-on and the head. ``true``

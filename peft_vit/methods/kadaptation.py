@@ -1,4 +1,4 @@
-"""KAdaptation (He, Li et al., AAAI 2023; code eric-ai-lab/PEViT), SPEC §2.5.
+"""KAdaptation (He, Li et al., AAAI 2023; code eric-ai-lab/PEViT).
 
 A parallel update of W_q and W_v (blocks of timm's fused qkv) by a sum of Kronecker products::
 
@@ -11,7 +11,8 @@ Count on ViT-B/16: 12·(2·32·48 + 768) + 2·32·64 = 50,176.
 Since ``(a bᵀ) ⊗ (u vᵀ) = (a⊗u)(b⊗v)ᵀ``, ΔW = P Qᵀ with P, Q ∈ R^{768×n}: the forward is
 ``x ΔWᵀ = (x Q) Pᵀ``, rank ≤ n, and never forms a 768×768 matrix.
 
-Choices and differences from the released code (model.py of PEViT; documented in the README):
+Choices and differences from the released code (model.py of PEViT; stated here only, the README
+links here):
 
 * init: the released code zero-initialises both u and v, so no Kronecker factor ever gets a
   gradient (only the bias and the head train). Here the output-side factor ``u`` starts at zero
@@ -22,12 +23,16 @@ Choices and differences from the released code (model.py of PEViT; documented in
   1/√d attention scaling; the released code adds it to q after that scaling, and reshapes the
   (tokens, batch, D) update straight to (batch·heads, tokens, D/heads) without the transpose
   q gets, so its update lands on other tokens' positions.
-* the initial release's v path used q's per-layer factors (fixed in a later commit); here q and
-  v have their own.
-* dropout: the released code applies element-wise dropout(0.5) to the 768×768 update matrix;
-  that needs ΔW formed every step. Here dropout (default 0.5) drops whole Kronecker terms: it is
-  applied to the n-dim intermediate ``x Q`` (independently per token), which is dropout on the
-  update in its own basis and keeps the forward low-rank.
+* the v path: every published commit of the released code computes v's update with q's
+  per-layer factors; here q and v have their own (the paper's two adapted matrices).
+* dropout (``dropout``, default 0.5; ``dropout_mode``): ``matrix`` (default) is the released
+  code's: element-wise dropout on each adapted 768×768 update ΔW, one mask per forward (so per
+  step, shared by every token of the batch); the training forward then forms ΔW and runs one
+  matmul with ``W + dropout(ΔW)``. ``terms`` drops whole Kronecker terms instead: dropout on the
+  n-dim intermediate ``x Q``, a mask per token; the forward stays low-rank. Both have the same
+  expectation; at evaluation both are the plain low-rank forward.
+* the intrinsic-dimension step of the paper selects which matrices to adapt; it is fixed here
+  to attention q and v (``targets``).
 * the bias: the released code holds ONE bias per attention layer and adds it to both the q and
   the v update (``bias: shared``, default, matches the count); ``separate`` gives each adapted
   matrix its own, ``none`` drops it. The bias is not multiplied by ``scale`` (as released).
@@ -69,7 +74,8 @@ def kron_columns(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 class KAdaptationDelta(Delta):
     def __init__(self, out_features: int, in_features: int, rules: KronRules,
-                 bias: Optional[KronBias], b_rank: int = 1, scale: float = 160.0, dropout: float = 0.5):
+                 bias: Optional[KronBias], b_rank: int = 1, scale: float = 160.0, dropout: float = 0.5,
+                 dropout_mode: str = "matrix"):
         super().__init__()
         n, a_dim, _ = rules.a.shape
         if out_features % a_dim or in_features % a_dim:
@@ -82,6 +88,7 @@ class KAdaptationDelta(Delta):
         self.v = nn.Parameter(torch.empty(n, g, b_rank).uniform_(-bound, bound))
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_mode = dropout_mode
 
     def factors(self):
         """``ΔW / scale = P Qᵀ``: P (out, n·r), Q (in, n·r)."""
@@ -89,7 +96,10 @@ class KAdaptationDelta(Delta):
 
     def forward(self, x, weight, bias):
         p, q = self.factors()
-        y = (self.dropout(x @ q.to(x.dtype)) @ p.t().to(x.dtype)) * self.scale
+        if self.dropout_mode == "matrix" and self.dropout.training and isinstance(self.dropout, nn.Dropout):
+            y = F.linear(x, self.dropout(p @ q.t() * self.scale).to(x.dtype))  # one mask on ΔW
+        else:
+            y = (self.dropout(x @ q.to(x.dtype)) @ p.t().to(x.dtype)) * self.scale
         return y if self.bias_module is None else y + self.bias_module.bias.to(y.dtype)
 
     def delta_weight(self, weight):
@@ -155,12 +165,17 @@ class KAdaptationBatched(BatchedDeltas):
         u, _ = self.where[index]
         if x.dtype != q.dtype:
             q, p = q.to(x.dtype), p.to(x.dtype)
-        dropout = next(iter(lin.deltas.values())).dropout
+        first = next(iter(lin.deltas.values()))
+        dropout = first.dropout
         x2 = x.reshape(-1, x.shape[-1])
         b = lin.base.bias
         if bias is not None:
             b = bias if b is None else b + bias
-        y = torch.addmm(F.linear(x2, lin.base.weight, b), dropout(x2 @ q), p)
+        if first.dropout_mode == "matrix" and dropout.training and isinstance(dropout, nn.Dropout):
+            # element-wise dropout on ΔWᵀ = Q P (in, NB·out; zero for unadapted blocks), one mask
+            y = F.linear(x2, lin.base.weight + dropout(q @ p).t(), b)
+        else:
+            y = torch.addmm(F.linear(x2, lin.base.weight, b), dropout(x2 @ q), p)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -175,9 +190,13 @@ def _kron_layers(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 class KAdaptation(Method):
     def __init__(self, n: int = 32, a_dim: int = 32, a_rank: int = 1, b_rank: int = 1,
                  scale: float = 160.0, dropout: float = 0.5, bias: str = "shared",
-                 rule_init_range: float = 0.01, targets: Sequence[str] = ("q", "v")):
+                 rule_init_range: float = 0.01, targets: Sequence[str] = ("q", "v"),
+                 dropout_mode: str = "matrix"):
         if bias not in ("shared", "separate", "none"):
             raise ValueError(f"bias must be shared | separate | none, not {bias!r}")
+        if dropout_mode not in ("matrix", "terms"):
+            raise ValueError(f"method.dropout_mode={dropout_mode!r}; choose matrix or terms")
+        self.dropout_mode = dropout_mode
         self.n, self.a_dim, self.a_rank, self.b_rank = int(n), int(a_dim), int(a_rank), int(b_rank)
         self.scale, self.dropout, self.bias = float(scale), float(dropout), bias
         self.rule_init_range = float(rule_init_range)
@@ -200,7 +219,7 @@ class KAdaptation(Method):
         for target in self.targets:  # one set of shared rules per target (q, v)
             rules = KronRules(self.n, self.a_dim, self.a_rank, self.rule_init_range)
             adapt_linears(model, [target], lambda name, block, out, inp, layer, rules=rules: KAdaptationDelta(
-                out, inp, rules, bias_for(layer, out), self.b_rank, self.scale, self.dropout))
+                out, inp, rules, bias_for(layer, out), self.b_rank, self.scale, self.dropout, self.dropout_mode))
         kinds: Dict[tuple, List[AdaptedLinear]] = {}
         for name, mod in model.named_modules():
             if isinstance(mod, AdaptedLinear) and all(isinstance(d, KAdaptationDelta) for d in mod.deltas.values()):

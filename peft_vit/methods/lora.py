@@ -1,7 +1,14 @@
-"""LoRA as run for the VTAB tables (NOAH's code), SPEC §2.2.
+"""LoRA as run for the VTAB tables (NOAH's code, ZhangYuanhan-AI/NOAH).
 
-``W' = W + scale · B A`` in parallel with the frozen Linear, ``scale = alpha / rank``:
-A (rank × in) kaiming-uniform(a=√5), B (out × rank) zeros, dropout on the LoRA input only.
+``W' = W + scale · B A`` in parallel with the frozen Linear, ``scale = alpha / rank``, dropout on
+the LoRA input only. Initialisation (``init``):
+
+* ``paper`` (default): A (rank × in) kaiming-uniform(a=√5), B (out × rank) zeros, so the model
+  starts as the backbone (LoRA's paper; NOAH's LoRA module as written);
+* ``noah``: as NOAH's code actually runs. Its model calls ``init_weights`` after building the
+  blocks, which re-initialises every Linear, A and B included, to trunc-normal(std 0.02): B ≠ 0,
+  so the model is *not* the backbone at start. The ``vtab_noah`` preset uses it.
+
 Defaults: the fused ``qkv`` as ONE matrix (A 8×768, B 2304×8), rank 8, alpha 8 (scale 1, NOAH
 applies no α/r scaling), dropout 0.1: 294,912 parameters on ViT-B/16. ``targets=[q, v]`` adapts
 the q and v blocks of the fused projection separately (same count at rank 8).
@@ -25,13 +32,19 @@ from .base import AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, at
 
 class LoRADelta(Delta):
     def __init__(self, out_features: int, in_features: int, rank: int = 8, alpha: float = 8.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, init: str = "paper"):
         super().__init__()
         if rank <= 0:
             raise ValueError("LoRA rank must be positive")
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "noah":  # NOAH's init_weights: every Linear trunc-normal(0.02)
+            nn.init.trunc_normal_(self.lora_A, std=0.02)
+            nn.init.trunc_normal_(self.lora_B, std=0.02)
+        elif init == "paper":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            raise ValueError(f"method.init={init!r}; choose paper or noah")
         self.scale = float(alpha) / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -91,13 +104,16 @@ class LoRABatched(BatchedDeltas):
 @register_method("lora")
 class LoRA(Method):
     def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.1,
-                 targets: Sequence[str] = ("qkv",)):
+                 targets: Sequence[str] = ("qkv",), init: str = "paper"):
+        if init not in ("paper", "noah"):
+            raise ValueError(f"method.init={init!r}; choose paper or noah")
+        self.init = init
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.targets = [targets] if isinstance(targets, str) else list(targets)
 
     def inject(self, model: nn.Module) -> None:
         adapt_linears(model, self.targets, lambda name, block, out, inp, layer: LoRADelta(
-            out, inp, self.rank, self.alpha, self.dropout))
+            out, inp, self.rank, self.alpha, self.dropout, self.init))
         # Linears with several adapted blocks, grouped by kind across layers
         kinds: Dict[tuple, List[AdaptedLinear]] = {}
         for name, mod in model.named_modules():

@@ -1,4 +1,4 @@
-"""RLRR: residual low-rank rescaling (Dong et al., CVPR 2024; code zstarN70/RLRR), SPEC §2.4.
+"""RLRR: residual low-rank rescaling (Dong et al., CVPR 2024; code zstarN70/RLRR).
 
 Every Linear of every block (q, k, v block-wise, o, fc1, fc2) is rescaled element-wise::
 
@@ -13,6 +13,13 @@ of shapes (1, in) and (out, 1)), f = 0, γ ~ N(1, 0.02), β ~ N(0, 0.02).
 The official "drop path" is element-wise dropout on each residual branch, rising linearly
 0 → ``drop`` over the blocks; it replaces the backbone's drop-path modules (``drop: null`` keeps
 the backbone's own stochastic depth instead).
+
+Weight decay (``decay_groups``): ``official`` (default) follows the official
+``get_parameters``, which exempts only names containing "bias" or "norm": s_in, s_out, the
+patch-embedding SSF γ/β and the head's weight decay; f (``shift_bias`` there), the SSF γ/β after
+LN1, LN2 and the final norm and the head's bias do not. ``timm`` is timm's rule (no 1-d tensor
+decays, i.e. none of RLRR's parameters). The official script also zero-initialises the head:
+``model.zero_head`` (set by the ``vtab_rlrr`` and ``fgvc_rlrr`` presets).
 
 The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``): for a Linear
 whose blocks are all adapted (q, k, v of the fused qkv) W' of all blocks is one broadcast op
@@ -30,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, NotMergeableError, PeftModule,
+from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, NotMergeableError, ParamPack, PeftModule,
                    adapt_linears, attach_batched, insert_after, pack_parameters, register_method, replace_module)
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
@@ -54,10 +61,12 @@ class RLRRDelta(Delta):
 
 
 class SSF(PeftModule):
-    """``x·γ + β`` over the last (channel) dimension; folds into the affine module it follows."""
+    """``x·γ + β`` over the last (channel) dimension; folds into the affine module it follows.
+    ``decays``: whether the official code's groups decay it (not after a norm, see above)."""
 
-    def __init__(self, dim: int, std: float = 0.02):
+    def __init__(self, dim: int, std: float = 0.02, decays: bool = False):
         super().__init__()
+        self.decays = decays
         self.gamma = nn.Parameter(torch.empty(dim).normal_(1.0, std))
         self.beta = nn.Parameter(torch.empty(dim).normal_(0.0, std))
 
@@ -135,6 +144,11 @@ class RLRRBatched(BatchedDeltas):
         return F.linear(x, w, b)
 
 
+def _official_decays(module: nn.Module, name: str) -> bool:
+    """Does the official code decay this parameter? s_in, s_out and the patch-embedding SSF."""
+    return name in ("s_in", "s_out") if isinstance(module, RLRRDelta) else bool(getattr(module, "decays", False))
+
+
 def _fused_shape(lin: AdaptedLinear):
     """(blocks, rows per block, in) when every block of ``lin`` is adapted, in row order."""
     rows = sorted(lin.slices.values())
@@ -154,7 +168,10 @@ class ResidualDropout(nn.Dropout):
 @register_method("rlrr")
 class RLRR(Method):
     def __init__(self, targets=TARGETS, ssf: bool = True, drop: Optional[float] = 0.1,
-                 blocks: str = "blocks.*"):
+                 blocks: str = "blocks.*", decay_groups: str = "official"):
+        if decay_groups not in ("official", "timm"):
+            raise ValueError(f"method.decay_groups={decay_groups!r}; choose official or timm")
+        self.decay_groups = decay_groups
         self.targets = list(targets)
         self.ssf = bool(ssf)
         self.drop = None if drop is None else float(drop)
@@ -172,7 +189,7 @@ class RLRR(Method):
             if final is not None:
                 insert_after(model, final, SSF(getattr(model, final).normalized_shape[-1]))
             if hasattr(model, "patch_embed"):
-                insert_after(model, "patch_embed", SSF(model.patch_embed.proj.out_channels))
+                insert_after(model, "patch_embed", SSF(model.patch_embed.proj.out_channels, decays=True))
         self._pack(model, blocks)
         if self.drop is not None:
             rates = torch.linspace(0, self.drop, len(blocks)).tolist() if blocks else []
@@ -199,10 +216,29 @@ class RLRR(Method):
             if not units:
                 continue
             # one tensor named after its contents, e.g. qkv_proj_fc1_fc2_ssf_norm1_ssf_norm2
-            packs.append(pack_parameters(block, units, name="rlrr_pack", label="_".join(label)))
+            group = (lambda m, n: "decay" if _official_decays(m, n) else "nodecay") if self.decay_groups == "official" else None
+            packs.append(pack_parameters(block, units, name="rlrr_pack", label="_".join(label), group=group))
             members += [(len(packs) - 1, u, m) for u, m in enumerate(owners) if m is not None]
         if members:
             attach_batched(model, "rlrr_batched", RLRRBatched(packs, members))
+
+    def no_weight_decay(self, model: nn.Module):
+        """The official code's groups (module docstring), or timm's rule with ``decay_groups=timm``."""
+        if self.decay_groups == "timm":
+            return super().no_weight_decay(model)
+        skip = set()
+        for name, p in model.named_parameters():
+            owner_name, _, pname = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if isinstance(owner, ParamPack):  # stores are split by group: <label>_decay / <label>_nodecay
+                decays = pname.endswith("_decay")
+            elif isinstance(owner, (RLRRDelta, SSF)):
+                decays = _official_decays(owner, pname)
+            else:  # the head, or what else trains: the official rule on the name
+                decays = "bias" not in name and "norm" not in name
+            if p.requires_grad and not decays:
+                skip.add(name)
+        return skip
 
     def _block_names(self, model: nn.Module):
         import fnmatch
