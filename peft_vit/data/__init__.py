@@ -1,6 +1,7 @@
 """Data: one entry point, ``build_datasets(cfg)``, dispatching on ``cfg.dataset.source``.
 
-A source module registers a builder with ``@register_source(name)``:
+A source module of this package registers a builder with ``@register_source(name)``; the modules
+are found and imported on the first request for an unregistered source:
 ``build(dcfg, protocol) -> DataSplits``. ``protocol`` is ``tune`` (train800 -> val200) or
 ``final`` (train800val200 -> test). Training datasets may be random (flip, crops); the loop
 makes them reproducible by indexing them through :class:`SeededAugment`.
@@ -8,6 +9,7 @@ makes them reproducible by indexing them through :class:`SeededAugment`.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple, Union
 
@@ -27,8 +29,6 @@ class DataSplits:
 
 
 SOURCES: Dict[str, Callable[..., DataSplits]] = {}
-# source name -> module that registers it (imported on first use, so TensorFlow & co. load lazily)
-SOURCE_MODULES = {"digits": "digits", "vtab": "vtab", "fgvc": "fgvc", "proxy": "proxy"}
 
 
 def register_source(name: str):
@@ -44,10 +44,11 @@ def build_datasets(cfg) -> DataSplits:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     source = dcfg.source
-    if source not in SOURCES and source in SOURCE_MODULES:
-        importlib.import_module(f"{__name__}.{SOURCE_MODULES[source]}")
+    if source not in SOURCES:  # every module of the package, once (none imports TensorFlow at import)
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
     if source not in SOURCES:
-        raise KeyError(f"unknown dataset source {source!r}; known: {', '.join(sorted(SOURCE_MODULES))}")
+        raise KeyError(f"unknown dataset source {source!r}; known: {', '.join(sorted(SOURCES))}")
     splits = SOURCES[source](dcfg, protocol)
     if splits.num_classes != dcfg.num_classes:
         raise ValueError(f"dataset.num_classes={dcfg.num_classes} but the data has {splits.num_classes} classes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import normalization
+from .transforms import Normalize
 
 
 class InMemoryImages(Dataset):
@@ -22,9 +22,8 @@ class InMemoryImages(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels.long()
-        mean, std = normalization(normalize)
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255.0
-        self.std = torch.tensor(std).view(3, 1, 1) * 255.0
+        self.normalize = Normalize(normalize)
+        self.mean, self.std = self.normalize.mean, self.normalize.std  # the loader's, per batch on the device
         self.flip = flip
         self.listing = listing
 
@@ -32,7 +31,7 @@ class InMemoryImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = (self.images[i].float() - self.mean) / self.std
+        x = self.normalize(self.images[i])
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
