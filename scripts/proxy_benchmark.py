@@ -36,8 +36,8 @@ EXPERIMENT = REPO / "configs" / "experiment" / "proxy.yaml"
 TUNING_FILE = REPO / "weights" / "proxy_tuning.json"
 TUNE_TASKS = ("textures", "count")  # one natural, one structured task
 # per-method grids: the head alone takes larger steps than the whole backbone
-LR_GRID = {"linear": (1e-2, 3e-2, 1e-1), "full": (5e-4, 1e-3, 2e-3)}
-PEFT_GRID = (3e-3, 1e-2, 3e-2)
+LR_GRID = {"linear": (3e-3, 1e-2, 3e-2), "full": (1.5e-4, 5e-4, 1.5e-3)}
+PEFT_GRID = (1e-3, 3e-3, 1e-2)
 GROUPS = ("natural", "specialized", "structured")
 
 
