@@ -1,6 +1,6 @@
 """SLURM sweeps on a real single-node SLURM cluster (scripts/slurm_local.sh: Debian's munge,
 slurmctld, slurmd, slurmdbd + MariaDB, started here if not running), through
-configs/hydra/launcher/slurm.yaml and peft_vit.engine.launcher.SlurmLauncher.
+configs/hydra/launcher/slurm.yaml and hydra_plugins/peft_vit_launcher.py's SlurmLauncher.
 
 Opt-in: these tests run only with PEFT_VIT_SLURM_TESTS=1 (.ci/run sets it; conftest.py skips
 them otherwise and says so in one line). They talk only to the private cluster the script
@@ -16,7 +16,8 @@ an ambient cluster (a login node's) is never reached. What they cover:
   sweep exits non-zero instead of hanging.
 
 The cluster needs root and apt-get (or the packages already installed); opted in without them,
-the cluster tests fail. The launcher's wait logic is also unit-tested without a cluster.
+the cluster tests fail. The launcher's logic (scheduler output, the wait) is unit-tested without
+a cluster in tests/test_launcher_logic.py.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -40,122 +40,6 @@ SCRIPT = REPO / "scripts" / "slurm_local.sh"
 # min(0.8 x limit, limit - 10 min); with 60 min a test signal is a pre-emption.
 SLURM = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=60", "hydra.launcher.poll_s=1", "hydra.launcher.lost_after_s=5"]
-
-
-# ------------------------------------------------------------------ the launcher's wait, no cluster
-class _FakeJob:
-    def __init__(self, job_id: str, folder: Path):
-        self.job_id = job_id
-        self.paths = SimpleNamespace(result_pickle=folder / f"{job_id}_result.pkl",
-                                     stderr=folder / f"{job_id}.err", stdout=folder / f"{job_id}.out")
-
-    def results(self):
-        from hydra.core.utils import JobReturn, JobStatus
-
-        return [JobReturn(status=JobStatus.COMPLETED, _return_value=self.job_id)]
-
-
-def _waiter(states_seq, tmp_path, lost_after_s=0.3):
-    """A SlurmLauncher whose scheduler answers from ``states_seq`` (one dict per poll; a job id
-    absent = the scheduler does not know it) and whose job writes its result when the sequence
-    says "RESULT"."""
-    from peft_vit.engine.launcher import SlurmLauncher, _Slot
-
-    class Fake(SlurmLauncher):
-        def _submit(self, executor, slots):
-            for s in slots:
-                if s.job is None and s.result is None:
-                    s.job = _FakeJob(f"7_{s.num}", tmp_path)
-
-        def _states(self, slots):
-            step = states_seq.pop(0) if len(states_seq) > 1 else states_seq[0]
-            if step is None:  # squeue and sacct both failed
-                return None
-            out = {}
-            for jid, st in step.items():
-                if st == "RESULT":
-                    (tmp_path / f"{jid}_result.pkl").write_text("x")
-                    st = "COMPLETING"
-                out[jid] = st
-            return out
-
-    launcher = Fake(poll_s=0.05, lost_after_s=lost_after_s, max_wait_h=None, timeout_min=60, signal_delay_s=90)
-    slots = [_Slot(num=i, overrides=[f"seed={i}"], params=()) for i in range(2)]
-    return launcher, slots
-
-
-def test_wait_reports_job_the_scheduler_forgot(tmp_path):
-    """No accounting: the job vanishes from squeue without a result. Reported, not waited for."""
-    from hydra.core.utils import JobStatus
-
-    from peft_vit.engine.launcher import JobDiedError
-
-    (tmp_path / "7_1.err").write_text("Traceback ...\nMemoryError\n")
-    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "RESULT"}]
-    launcher, slots = _waiter(seq, tmp_path)
-    t0 = time.time()
-    launcher._wait(None, slots)
-    assert time.time() - t0 < 5
-    assert slots[0].result.status == JobStatus.COMPLETED and slots[0].result.return_value == "7_0"
-    assert slots[1].result.status == JobStatus.FAILED
-    err = slots[1].result._return_value
-    assert isinstance(err, JobDiedError)
-    assert "7_1" in str(err) and "without writing a result" in str(err) and "MemoryError" in str(err)
-
-
-def test_wait_follows_a_requeued_job(tmp_path):
-    """PREEMPTED -> REQUEUED -> PENDING -> RUNNING is not death: waited for, then collected."""
-    from hydra.core.utils import JobStatus
-
-    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "PREEMPTED", "7_1": "RESULT"}, {"7_0": "REQUEUED"}]
-    seq += [{"7_0": "PENDING"}] * 10 + [{"7_0": "RUNNING"}] * 3 + [{"7_0": "RESULT"}]
-    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
-    launcher._wait(None, slots)
-    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
-
-
-def test_wait_does_not_bury_jobs_while_the_scheduler_is_silent(tmp_path):
-    """squeue and sacct both failing (controller restarting) is no news, however long it lasts."""
-    from hydra.core.utils import JobStatus
-
-    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}] + [None] * 20 + [{"7_0": "RESULT", "7_1": "RESULT"}]
-    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
-    launcher._wait(None, slots)
-    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
-
-
-def test_wait_is_bounded_by_max_wait_h(tmp_path):
-    from hydra.core.utils import JobStatus
-
-    from peft_vit.engine.launcher import WaitTimeoutError
-
-    launcher, slots = _waiter([{"7_0": "PENDING", "7_1": "PENDING"}], tmp_path)
-    launcher.max_wait_h = 0.5 / 3600
-    t0 = time.time()
-    launcher._wait(None, slots)
-    assert time.time() - t0 < 5
-    assert all(s.result.status == JobStatus.FAILED and isinstance(s.result._return_value, WaitTimeoutError)
-               for s in slots)
-
-
-def test_signal_delay_is_cut_below_short_time_limits():
-    from peft_vit.engine.launcher import SlurmLauncher, _expand
-
-    assert SlurmLauncher(timeout_min=2, signal_delay_s=120).params["signal_delay_s"] == 12
-    assert SlurmLauncher(timeout_min=720, signal_delay_s=90).params["signal_delay_s"] == 90
-    assert _expand("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"] and _expand("12_3") == ["12_3"]
-
-
-def test_presets_compose():
-    from conftest import compose
-
-    cfg = compose("hydra/launcher=slurm")
-    lc = cfg.hydra.launcher
-    assert lc._target_ == "hydra_plugins.peft_vit_launcher.SlurmLauncher"
-    assert lc.additional_parameters.requeue is True and lc.max_num_timeout > 0
-    assert 0 < lc.signal_delay_s < lc.timeout_min * 60 / 2
-    cfg = compose("hydra/launcher=local")
-    assert cfg.hydra.launcher._target_ == "hydra_plugins.peft_vit_launcher.LocalLauncher"
 
 
 # ------------------------------------------------------------------ the real cluster

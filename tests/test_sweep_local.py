@@ -1,5 +1,5 @@
 """Multirun sweeps on one machine: `python train.py -m hydra/launcher=local ...` (submitit's local
-executor through peft_vit.engine.launcher.LocalLauncher): a 2 methods x 2 VTAB tasks sweep on
+executor through hydra_plugins/peft_vit_launcher.py's LocalLauncher): a 2 methods x 2 VTAB tasks sweep on
 generated image folders completes, scripts/make_table.py renders it, a re-launch runs nothing,
 and a job that dies without a result is reported instead of hanging the sweep.
 

@@ -113,6 +113,18 @@ def finished_record(path: Path, current: Dict[str, Any]) -> Optional[Dict[str, A
     return record
 
 
+def skip_done(cfg: Any, run_dir: Path, current: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """The one skip_done decision, made by the loop in the run and by the sweep launchers before
+    submission (hydra_plugins/peft_vit_launcher.py): with ``cfg.skip_done``, the record in
+    ``run_dir`` if it was made by this configuration (see :func:`finished_record`); None: run.
+    ``current``: ``result_config(cfg)`` when the caller has it already."""
+    from ..record import RESULTS
+
+    if not cfg.get("skip_done", False):
+        return None
+    return finished_record(Path(run_dir) / RESULTS, result_config(cfg) if current is None else current)
+
+
 def remove_stale_temp_files(run_dir: Path) -> List[Path]:
     """Delete the temp files of atomic writes (``.<name>.*.tmp``) that a killed writer left.
     Call only while holding the run dir's lock (no live writer then)."""

@@ -1,0 +1,247 @@
+"""The sweep launchers' logic without a cluster (hydra_plugins/peft_vit_launcher.py): scheduler
+output parsed from strings, the alive/done/lost verdict, the bounded wait over a scripted
+scheduler, upstream's submission recorded instead of submitted, and the presets. The launchers
+on a real SLURM cluster: tests/test_slurm.py; on one machine: tests/test_sweep_local.py."""
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+
+from hydra_plugins import peft_vit_launcher as L
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher as upstream
+
+
+# ------------------------------------------------------------------ squeue / sacct output
+def test_expand_array_fields():
+    assert L.expand("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert L.expand("12_3") == ["12_3"] and L.expand("12") == ["12"]
+    assert L.expand("40_[7]") == ["40_7"]
+
+
+SACCT = """\
+40_0|COMPLETED
+40_1|CANCELLED by 0
+40_[2-3]|PENDING
+41|FAILED
+99_0|RUNNING
+40_4|
+"""
+SQUEUE = """\
+40_1|CANCELLED
+40_2|RUNNING
+40_3|PENDING
+77|RUNNING
+"""
+
+
+def test_parse_states_merges_sacct_and_squeue():
+    got = L.parse_states(SACCT, SQUEUE, ["40", "41"])
+    # squeue (the controller's current view) wins over sacct; other jobs (99, 77) are left out;
+    # sacct's "CANCELLED by 0" is the state CANCELLED; an empty state is UNKNOWN
+    assert got == {"40_0": "COMPLETED", "40_1": "CANCELLED", "40_2": "RUNNING", "40_3": "PENDING", "41": "FAILED",
+                   "40_4": "UNKNOWN"}
+
+
+def test_parse_states_one_command_or_none():
+    # no accounting: sacct fails, squeue alone answers
+    assert L.parse_states(None, SQUEUE, ["40"]) == {"40_1": "CANCELLED", "40_2": "RUNNING", "40_3": "PENDING"}
+    # the controller is down, accounting answers
+    assert L.parse_states("41|TIMEOUT\n", None, ["41"]) == {"41": "TIMEOUT"}
+    # an answer that lists nothing: every job is unknown to the scheduler (not "no news")
+    assert L.parse_states("", "", ["40"]) == {}
+    # neither answered: no news
+    assert L.parse_states(None, None, ["40"]) is None
+
+
+# ------------------------------------------------------------------ alive / done / lost
+def test_judge():
+    j = L.judge
+    assert j(True, True, "CANCELLED", 5.0, 100.0, 10) == ("done", 5.0)  # a result decides first
+    assert j(True, False, None, None, 0.0, 10)[0] == "done"
+    for st in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "running", "SUSPENDED"):
+        assert j(False, True, st, 50.0, 100.0, 10) == ("alive", None)  # alive again: the clock resets
+    # ended or unknown: first seen now, lost once lost_after_s have passed
+    assert j(False, True, "CANCELLED", None, 100.0, 10) == ("alive", 100.0)
+    assert j(False, True, None, None, 100.0, 10) == ("alive", 100.0)
+    assert j(False, True, "OUT_OF_MEMORY", 100.0, 105.0, 10) == ("alive", 100.0)
+    assert j(False, True, "CANCELLED by 0", 100.0, 110.0, 10) == ("lost", 100.0)
+    assert j(False, True, None, 100.0, 111.0, 10) == ("lost", 100.0)
+    # the scheduler did not answer: no news, however long
+    assert j(False, False, None, 100.0, 10_000.0, 10) == ("alive", 100.0)
+
+
+# ------------------------------------------------------------------ the wait, a scripted scheduler
+class _FakeJob:
+    def __init__(self, job_id: str, folder: Path):
+        self.job_id = job_id
+        self.paths = SimpleNamespace(result_pickle=folder / f"{job_id}_result.pkl",
+                                     stderr=folder / f"{job_id}.err", stdout=folder / f"{job_id}.out")
+
+    def results(self):
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=self.job_id)]
+
+
+def _waiter(states_seq, tmp_path, lost_after_s=0.3):
+    """A SlurmLauncher whose scheduler answers from ``states_seq`` (one dict per poll; a job id
+    absent = the scheduler does not know it) and whose job writes its result when the sequence
+    says "RESULT"."""
+
+    class Fake(L.SlurmLauncher):
+        def _submit(self, slots):
+            for s in slots:
+                if s.job is None and s.result is None:
+                    s.job = _FakeJob(f"7_{s.num}", tmp_path)
+
+        def _states(self, slots):
+            step = states_seq.pop(0) if len(states_seq) > 1 else states_seq[0]
+            if step is None:  # squeue and sacct both failed
+                return None
+            out = {}
+            for jid, st in step.items():
+                if st == "RESULT":
+                    (tmp_path / f"{jid}_result.pkl").write_text("x")
+                    st = "COMPLETING"
+                out[jid] = st
+            return out
+
+    launcher = Fake(poll_s=0.05, lost_after_s=lost_after_s, max_wait_h=None, timeout_min=60, signal_delay_s=90)
+    slots = [L._Slot(num=i, overrides=[f"seed={i}"]) for i in range(2)]
+    return launcher, slots
+
+
+def test_wait_reports_job_the_scheduler_forgot(tmp_path):
+    """No accounting: the job vanishes from squeue without a result. Reported, not waited for."""
+    (tmp_path / "7_1.err").write_text("Traceback ...\nMemoryError\n")
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path)
+    t0 = time.time()
+    launcher._wait(slots)
+    assert time.time() - t0 < 5
+    assert slots[0].result.status == JobStatus.COMPLETED and slots[0].result.return_value == "7_0"
+    assert slots[1].result.status == JobStatus.FAILED
+    err = slots[1].result._return_value
+    assert isinstance(err, L.JobDiedError)
+    assert "7_1" in str(err) and "without writing a result" in str(err) and "MemoryError" in str(err)
+
+
+def test_wait_follows_a_requeued_job(tmp_path):
+    """PREEMPTED -> REQUEUED -> PENDING -> RUNNING is not death: waited for, then collected."""
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}, {"7_0": "PREEMPTED", "7_1": "RESULT"}, {"7_0": "REQUEUED"}]
+    seq += [{"7_0": "PENDING"}] * 10 + [{"7_0": "RUNNING"}] * 3 + [{"7_0": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
+    launcher._wait(slots)
+    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
+
+
+def test_wait_does_not_bury_jobs_while_the_scheduler_is_silent(tmp_path):
+    """squeue and sacct both failing (controller restarting) is no news, however long it lasts."""
+    seq = [{"7_0": "RUNNING", "7_1": "RUNNING"}] + [None] * 20 + [{"7_0": "RESULT", "7_1": "RESULT"}]
+    launcher, slots = _waiter(seq, tmp_path, lost_after_s=0.2)
+    launcher._wait(slots)
+    assert [s.result.status for s in slots] == [JobStatus.COMPLETED] * 2
+
+
+def test_wait_is_bounded_by_max_wait_h(tmp_path):
+    launcher, slots = _waiter([{"7_0": "PENDING", "7_1": "PENDING"}], tmp_path)
+    launcher.max_wait_h = 0.5 / 3600
+    t0 = time.time()
+    launcher._wait(slots)
+    assert time.time() - t0 < 5
+    assert all(s.result.status == JobStatus.FAILED and isinstance(s.result._return_value, L.WaitTimeoutError)
+               for s in slots)
+
+
+def test_signal_delay_is_cut_below_short_time_limits():
+    assert L.SlurmLauncher(timeout_min=2, signal_delay_s=120).params["signal_delay_s"] == 12
+    assert L.SlurmLauncher(timeout_min=720, signal_delay_s=90).params["signal_delay_s"] == 90
+
+
+# ------------------------------------------------------------------ upstream's parts, reused
+def test_launchers_are_upstreams_plus_the_wait():
+    """The job itself, its requeue and the parameter handling are upstream's, not copies."""
+    for ours, theirs in ((L.SlurmLauncher, upstream.SlurmLauncher), (L.LocalLauncher, upstream.LocalLauncher)):
+        assert issubclass(ours, theirs)
+        assert ours.__call__ is upstream.BaseSubmititLauncher.__call__
+        assert ours.checkpoint is upstream.BaseSubmititLauncher.checkpoint
+    lc = L.LocalLauncher(submitit_folder="x/%j", array_parallelism=3, poll_s=1, lost_after_s=2, max_wait_h=None,
+                         signal_delay_s=90)
+    assert lc.array_parallelism == 3 and lc.poll_s == 1.0 and lc.lost_after_s == 2.0
+    assert set(lc.params) == {"submitit_folder", "signal_delay_s"}  # the rest is ours, not upstream's
+
+
+def test_local_submission_is_upstreams_recorded_not_submitted(tmp_path):
+    """Upstream's launch builds the executor (signal_delay_s and max_num_timeout reach submitit's
+    local executor) and numbers the jobs; nothing starts until the launcher submits it, and each
+    job carries its config as composed at submission."""
+    from hydra.types import HydraContext
+
+    sweep = tmp_path / "sweep"
+    lc = L.LocalLauncher(submitit_folder=f"{sweep}/.submitit/%j", timeout_min=60, signal_delay_s=90,
+                         max_num_timeout=3, array_parallelism=1, gpus_per_node=0)
+    lc.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    lc.hydra_context = HydraContext(config_loader="the real loader", callbacks=None)  # type: ignore[arg-type]
+    slots = [L._Slot(num=n, overrides=[f"seed={n}"]) for n in (4, 5)]
+    composed = OmegaConf.create({"seed": 4})
+    lc._upstream_submission(slots, {4: composed})
+    executor, fn, args = slots[0].params
+    assert executor._executor.parameters["signal_delay_s"] == 90 and executor._executor.max_num_timeout == 3
+    assert [s.params[2][:3] for s in slots] == [(["seed=4"], "hydra.sweep.dir", 4), (["seed=5"], "hydra.sweep.dir", 5)]
+    assert not [p for p in (sweep / ".submitit").iterdir() if p.name != "%j"]  # nothing submitted
+    loader = pickle.loads(pickle.dumps(fn.hydra_context.config_loader))
+    assert loader.load_sweep_config(None, ["seed=4"]) == composed and loader.loader == "the real loader"
+    assert slots[1].params[1].hydra_context.config_loader == "the real loader"  # composed in the job
+
+
+def test_presets_compose():
+    from conftest import compose
+
+    cfg = compose("hydra/launcher=slurm")
+    lc = cfg.hydra.launcher
+    assert lc._target_ == "hydra_plugins.peft_vit_launcher.SlurmLauncher"
+    assert lc.additional_parameters.requeue is True and lc.max_num_timeout > 0
+    assert 0 < lc.signal_delay_s < lc.timeout_min * 60 / 2
+    cfg = compose("hydra/launcher=local")
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.peft_vit_launcher.LocalLauncher"
+
+
+def test_skip_done_before_submission(tmp_path):
+    """The launcher decides with rundir.skip_done, as the loop does, on the job's config and in
+    its dir (hydra.sweep.dir / subdir): same config skipped, another refused with the key that
+    differs, skip_done=false or no record submitted."""
+    import json
+
+    from conftest import compose
+    from hydra.types import HydraContext
+
+    from peft_vit.engine import rundir
+
+    def job_cfg(overrides):  # as Hydra's config loader makes it (compose() also sets it read-only)
+        cfg = compose(f"hydra.sweep.dir={tmp_path}", *overrides)
+        OmegaConf.set_readonly(cfg.hydra, None)
+        return cfg
+
+    lc = L.LocalLauncher(submitit_folder=f"{tmp_path}/.submitit/%j")
+    lc.config = compose()
+    lc.hydra_context = HydraContext(config_loader=SimpleNamespace(load_sweep_config=lambda _, o: job_cfg(o)),
+                                    callbacks=None)  # type: ignore[arg-type]
+    done = json.dumps({"config": rundir.result_config(job_cfg(["optim.lr=0.1"]))})
+    jobs = [["optim.lr=0.1"], ["optim.lr=0.5"], ["optim.lr=0.1", "skip_done=false"], ["optim.lr=0.2"]]
+    for overrides in jobs[:3]:  # a record of the lr=0.1 run in each of the first three job dirs
+        d = tmp_path / job_cfg(overrides).hydra.job.override_dirname
+        d.mkdir()
+        (d / "results.json").write_text(done)
+    slots = [L._Slot(num=n, overrides=o) for n, o in enumerate(jobs)]
+    cfgs = [lc._skip_done(s) for s in slots]
+    assert slots[0].result.status == JobStatus.COMPLETED
+    assert slots[0].result.working_dir == str(tmp_path / "optim.lr=0.1")
+    assert slots[1].result.status == JobStatus.FAILED and cfgs[1] is None
+    assert isinstance(slots[1].result._return_value, rundir.ForeignStateError)
+    assert "optim.lr: 0.1 -> 0.5" in str(slots[1].result._return_value)
+    assert slots[2].result is None and slots[3].result is None  # submitted, with their composed configs
+    assert cfgs[2].hydra.job.num == 2 and cfgs[3].hydra.job.num == 3 and cfgs[3].optim.lr == 0.2
+    assert not OmegaConf.is_readonly(cfgs[3].hydra)  # upstream's job sets hydra.job.id in it
