@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import peft_vit
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 
 spec = importlib.util.spec_from_file_location("export_merged", REPO / "scripts" / "export_merged.py")
 export_merged = importlib.util.module_from_spec(spec)
@@ -45,9 +45,8 @@ def trained_run(tmp_path, tiny_input):
 
 
 def _timm_load(path, num_classes=10):
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=num_classes, img_size=32,
-                          patch_size=4, depth=2, embed_dim=64, num_heads=4,
-                          pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes))
+    m = timm.create_model(TINY_MODEL["name"], pretrained=True, num_classes=num_classes, img_size=TINY_MODEL["img_size"],
+                          **TINY_MODEL["overrides"], pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes))
     return m.eval()
 
 
@@ -62,9 +61,8 @@ def test_export_run_dir_loads_in_timm(trained_run, tmp_path, tiny_input):
         assert torch.allclose(model(tiny_input), ref, atol=1e-4)
     # the sidecar and the file's metadata say how to rebuild it; load_merged uses them
     meta = json.loads((tmp_path / "merged.safetensors.json").read_text())
-    assert meta["timm_name"] == "vit_tiny_patch16_224"
-    assert meta["timm_kwargs"] == dict(num_classes=10, img_size=32, patch_size=4, depth=2, embed_dim=64,
-                                       num_heads=4)
+    assert meta["timm_name"] == TINY_MODEL["name"]
+    assert meta["timm_kwargs"] == dict(num_classes=10, img_size=TINY_MODEL["img_size"], **TINY_MODEL["overrides"])
     with torch.no_grad():
         assert torch.allclose(export_merged.load_merged(str(out)).eval()(tiny_input), ref, atol=1e-4)
 
@@ -85,8 +83,8 @@ def test_overlay_needs_num_classes(trained_run, tmp_path, tiny_input):
     out = tmp_path / "m.safetensors"
     export_merged.main(["--run-dir", str(run), "--out", str(out)])
     torch.manual_seed(123)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, img_size=32, patch_size=4,
-                          depth=2, embed_dim=64, num_heads=4, pretrained_cfg_overlay=dict(file=str(out))).eval()
+    m = timm.create_model(TINY_MODEL["name"], pretrained=True, num_classes=10, img_size=TINY_MODEL["img_size"],
+                          **TINY_MODEL["overrides"], pretrained_cfg_overlay=dict(file=str(out))).eval()
     with torch.no_grad():
         assert not torch.allclose(m(tiny_input), ref, atol=1e-4)
 
