@@ -295,6 +295,19 @@ def test_householder_rank_plot(results, tmp_path):
     check_golden("householder_rank.json", json.dumps(data, indent=1) + "\n")
 
 
+def test_householder_ranks_of_different_definitions_are_not_averaged(tmp_path):
+    """An older record's rank (a cut at rank_threshold · max|d|) gets its own group."""
+    write(tmp_path, "new", record("householder", "cifar", 0, 60.0, diag=hta_diag(0, 0)))
+    old = hta_diag(1, 0)
+    del old["effective_rank_is"]
+    write(tmp_path, "old", record("householder", "dtd", 0, 60.0, diag={"rank_threshold": 0.01, **old}))
+    groups = householder_groups(load_records([tmp_path]).records)
+    assert {k: [r.task for r in v] for k, v in groups.items()} == {
+        "vtab_final_energy_rank_90": ["cifar"], "vtab_final_rank_above_1pct_max": ["dtd"]}
+    data = plot_householder_ranks(groups["vtab_final_rank_above_1pct_max"], tmp_path / "old", title="old")
+    assert data["effective_rank_is"] == ["rank_above_1pct_max: #|d_i| > 0.01·max|d|"]
+
+
 def test_householder_entries_tolerant():
     rows = [{"layer": 1, "matrix": "q", "effective_rank": 5}]
     assert householder_entries({"per_matrix": rows}) == [(1, "q", 5.0)]

@@ -266,8 +266,8 @@ def plot_householder_ranks(records: Sequence[Union[Record, RunRecord]], stem: Pa
     a2.set_xlabel("layer")
     a2.set_ylabel("effective rank of H(v_l) diag(d) H(v_r)\n" + "\n".join(data["effective_rank_is"]), fontsize=7)
     a2.grid(True, alpha=0.3)
-    fig.suptitle(f"HTA per-layer effective rank, mean over {len(data['tasks'])} tasks"
-                 + (f" — {title}" if title else ""), fontsize=9)
+    over = f", mean over {len(data['tasks'])} tasks" if data["n_records"] > 1 else ""
+    fig.suptitle(f"HTA per-layer effective rank{over}" + (f" — {title}" if title else ""), fontsize=9)
     fig.tight_layout()
     data["title"] = title
     _save(fig, stem, data, formats)
