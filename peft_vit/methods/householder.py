@@ -90,8 +90,8 @@ class HouseholderDelta(Delta):
 
         Expanding the two reflections: with s_r = x·v_r and t = pad((x H(v_r))[:k] ⊙ d),
         t = pad(x[:k] ⊙ d) − c_r s_r pad(v_r[:k] ⊙ d) and t·v_l = x·pad(d ⊙ v_l[:k]) − c_r α s_r
-        (α = Σ v_r d v_l), so ``t H(v_l)`` is the diagonal term plus a rank-2 one; W_down W_up adds
-        D' more columns (w_in, w_out). One elementwise product and two thin matmuls, as cheap as LoRA."""
+        (α = Σ v_r d v_l), so ``t H(v_l)`` is the diagonal term plus a rank-2 one; w_out w_in adds
+        D' more columns. One elementwise product and two thin matmuls, as cheap as LoRA."""
         v_l, v_r, d, k = self.v_l, self.v_r, self.d, self.k
         c_l = 2.0 / v_l.pow(2).sum() if self.orthogonal else 1.0
         c_r = 2.0 / v_r.pow(2).sum() if self.orthogonal else 1.0
