@@ -9,7 +9,8 @@ A parallel update of W_q and W_v (blocks of timm's fused qkv) by a sum of Kronec
 Count on ViT-B/16: 12·(2·32·48 + 768) + 2·32·64 = 50,176.
 
 Since ``(a bᵀ) ⊗ (u vᵀ) = (a⊗u)(b⊗v)ᵀ``, ΔW = P Qᵀ with P, Q ∈ R^{768×n}: the forward is
-``x ΔWᵀ = (x Q) Pᵀ``, rank ≤ n, and never forms a 768×768 matrix.
+``x ΔWᵀ = (x Q) Pᵀ``, rank ≤ n, with no 768×768 matrix (except for the released code's dropout
+on ΔW in training, ``dropout_mode: matrix`` below).
 
 Choices and differences from the released code (model.py of PEViT; stated here only, the README
 links here):

@@ -24,7 +24,9 @@ decays, i.e. none of RLRR's parameters). The official script also zero-initialis
 The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``): for a Linear
 whose blocks are all adapted (q, k, v of the fused qkv) W' of all blocks is one broadcast op
 (:class:`RLRRBatched`); merging builds the same W' block by block. Each block's RLRR and SSF
-parameters live in one flat tensor (``blocks.i.rlrr_pack``), read as views under their names. SSF after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
+parameters live in one flat tensor per decay group (``blocks.i.rlrr_pack.<contents>_decay`` and
+``_nodecay``; one tensor with ``decay_groups: timm``), read as views under their names. SSF
+after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
 runs one LayerNorm with the folded affine, so the LayerNorm's output is not stored twice); after the
 patch embedding it folds into the patch-projection conv (or the embedding's norm, when it has one).
 """
