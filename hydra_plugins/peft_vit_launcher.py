@@ -1,23 +1,22 @@
 """peft_vit's sweep launchers (configs/hydra/launcher/{slurm,local}.yaml): hydra-submitit-launcher's
-SlurmLauncher and LocalLauncher plus what they lack.
+SlurmLauncher and LocalLauncher, plus what they lack:
 
-* skip_done before submission, decided by peft_vit.engine.rundir.skip_done (as the loop decides
-  it) on the job's config as upstream composes it: a job with a results.json of the same
-  configuration is not submitted; one of another configuration is refused, naming the keys.
+* skip_done before submission: peft_vit.engine.rundir.skip_done (the loop's own decision) on the
+  job's config as upstream composes it. Same configuration: not submitted; another: refused.
 * A bounded wait. Upstream waits in submitit's job.results(), forever for a job that died without
-  a result when SLURM has no accounting. Here squeue/sacct are polled every ``poll_s``: a job
+  a result on a cluster without accounting. Here squeue/sacct are polled every ``poll_s``; a job
   ended or unknown with no result ``lost_after_s`` later fails (JobDiedError, with its log's
-  tail); a poll that gets no answer is no news; a requeued job is queued again, so waited for;
-  ``max_wait_h`` bounds the wait. SLURM: jobs an earlier launch left queued or running are
-  waited for, not submitted twice. Local: ``array_parallelism`` jobs at a time.
-* Each job runs with its config as composed at submission (also when requeued hours later).
+  tail); a poll without an answer is no news; ``max_wait_h`` bounds it all. SLURM: live jobs of
+  an earlier launch are waited for, not resubmitted. Local: ``array_parallelism`` at a time.
+* Each job runs with its config as composed at submission, also when requeued hours later.
 
-The rest is upstream's: parameters, executor, job numbering, the job (``__call__``), requeue
-(``checkpoint``). Upstream's launch builds its executor inline, so it runs as is with submitit's
-AutoExecutor replaced, for that call, by a subclass that records the jobs instead of submitting.
-Hydra loads launchers only from the ``hydra_plugins`` namespace (no __init__.py here: this joins
-the installed one when the repo root is on sys.path; the launchers put it on the jobs' PYTHONPATH).
+The rest is upstream's: parameters, executor, numbering, the job (``__call__``), requeue
+(``checkpoint``). Its launch builds the executor inline, so it runs as is with submitit's
+AutoExecutor swapped, for that call, for a subclass that records the jobs instead of submitting.
+No __init__.py here: this joins the installed ``hydra_plugins`` namespace (the only place Hydra
+loads launchers from) when the repo root is on sys.path, as the launchers make it for the jobs.
 """
+
 import copy
 import dataclasses
 import json
