@@ -95,7 +95,7 @@ class AdapterMethod(Method):
     }
 
     def __init__(self, bottleneck: int = 8, dropout: float = 0.1, placement: str = "pfeiffer",
-                 act: Optional[str] = None, scale: Optional[float] = None, init: Optional[str] = None,
+                 act: Optional[str] = None, scale: Optional[float] = None, init: Optional[str] = "paper",
                  blocks: str = "blocks.*"):
         if placement not in PLACEMENTS:
             raise ValueError(f"adapter placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
