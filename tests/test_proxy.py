@@ -1,0 +1,90 @@
+"""The proxy benchmark: generated tasks (deterministic, NOAH's layout), the shipped pretrained
+weights through model.checkpoint, and a quick subset on which every PEFT method must beat the
+linear probe on the structured tasks (as on VTAB-1k), and full fine-tuning must too."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, compose
+
+sys.path.insert(0, str(REPO / "scripts"))
+import proxy_benchmark  # noqa: E402
+
+from peft_vit.data import proxy  # noqa: E402
+
+WEIGHTS = REPO / "weights" / "proxy_vit.safetensors"
+QUICK_TASKS = ("count", "position")  # two structured tasks, the benchmark's recipe (10 epochs)
+
+
+def test_tasks_are_deterministic_and_cover_their_classes():
+    for task in proxy.TASKS.values():
+        x, y = proxy.generate(task, "val200", seed=0)
+        assert x.dtype == torch.uint8 and x.shape == (200, 3, proxy.IMG, proxy.IMG)
+        assert y.min() >= 0 and y.max() < task.num_classes
+        x2, y2 = proxy.generate(task, "val200", seed=0)
+        assert torch.equal(x, x2) and torch.equal(y, y2), task.name
+        assert not torch.equal(x, proxy.generate(task, "val200", seed=1)[0]), task.name
+    _, y = proxy.generate(proxy.TASKS["count"], "test")
+    assert torch.bincount(y, minlength=8).min() > 80  # every class present in the 1,000 test images
+
+
+def test_task_written_in_noah_layout_and_read_back(tmp_path):
+    from peft_vit.data import build_datasets
+
+    folder = proxy.write_task(proxy.TASKS["orientation"], tmp_path)
+    lines = {s: (folder / f"{s}.txt").read_text().splitlines() for s in ("train800", "val200", "train800val200", "test")}
+    assert [len(v) for v in lines.values()] == [800, 200, 1000, 1000]
+    assert lines["train800val200"] == lines["train800"] + lines["val200"]
+    assert lines["test"][0].startswith("images/test/") and (folder / lines["test"][0].split()[0]).is_file()
+    cfg = compose("experiment=proxy", "dataset=proxy/orientation", f"paths.data_dir={tmp_path.parent}",
+                  f"dataset.root={tmp_path}", "protocol=tune")
+    splits = build_datasets(cfg)
+    x, y = proxy.generate(proxy.TASKS["orientation"], "val200")
+    assert (splits.train_split, splits.eval_split, len(splits.train), len(splits.eval)) == ("train800", "val200", 800, 200)
+    assert torch.equal(splits.eval.images, x) and torch.equal(splits.eval.labels, y)  # PNG is lossless
+    mtime = (folder / "proxy.json").stat().st_mtime_ns
+    assert proxy.write_task(proxy.TASKS["orientation"], tmp_path) == folder  # reused, not rewritten
+    assert (folder / "proxy.json").stat().st_mtime_ns == mtime
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="known: digits, textures"):
+        proxy.get_task("cifar")
+
+
+def test_shipped_weights_load_through_model_checkpoint():
+    import peft_vit
+    from safetensors.torch import load_file
+
+    meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    assert WEIGHTS.stat().st_size <= 20 * 2**20 and "proxy_pretrain.py" in meta["command"]
+    cfg = compose("experiment=proxy", "dataset=proxy/count", "method=linear")
+    assert Path(cfg.model.checkpoint) == WEIGHTS
+    model = peft_vit.build_model(cfg)
+    state = model.state_dict()
+    shipped = load_file(str(WEIGHTS))
+    assert all(torch.equal(state[k], v) for k, v in shipped.items() if not k.startswith("head."))
+    assert model.head.out_features == 8
+
+
+@pytest.fixture(scope="module")
+def quick_subset(tmp_path_factory):
+    """Every method on two structured tasks with the benchmark's recipe and tuned learning rates
+    (one intra-op thread, as the README's table was measured: the same numbers)."""
+    out = tmp_path_factory.mktemp("proxy")
+    methods = proxy_benchmark.registered_methods()
+    proxy_benchmark.benchmark(methods, QUICK_TASKS, out, [f"paths.data_dir={out / 'data'}"])
+    table = proxy_benchmark.make_table(proxy_benchmark.collect(out), methods, QUICK_TASKS)
+    print(proxy_benchmark.to_markdown(table))
+    return table
+
+
+def test_quick_subset_peft_and_full_beat_linear_on_structured(quick_subset):
+    acc = quick_subset["structured mean"]
+    assert set(acc.index) == set(proxy_benchmark.registered_methods())
+    losers = {m: round(a, 1) for m, a in acc.items() if m != "linear" and not a > acc["linear"]}
+    assert not losers, f"not above the linear probe ({acc['linear']:.1f}%) on {QUICK_TASKS}: {losers}"
+    assert acc["full"] > acc["linear"] + 5, f"full fine-tuning {acc['full']:.1f}% vs linear {acc['linear']:.1f}%"
