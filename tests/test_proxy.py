@@ -82,6 +82,7 @@ def quick_subset(tmp_path_factory):
     return table
 
 
+@pytest.mark.slow
 def test_quick_subset_peft_and_full_beat_linear_on_structured(quick_subset):
     acc = quick_subset["structured mean"]
     assert set(acc.index) == set(proxy_benchmark.registered_methods())
