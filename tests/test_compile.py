@@ -36,7 +36,7 @@ def test_compiled_step_equals_eager():
     eager = build("householder", ONE_BLOCK).train()
     with torch.no_grad():  # a non-trivial update, so that every factor carries a gradient
         for n, p in eager.named_parameters():
-            if n.startswith("householder_pack.") and n.endswith((".d", ".w_out")):
+            if n.startswith("householder_pack.") and n.endswith((".d", ".w_in", ".w_out")):
                 p.normal_(0, 0.1)
     model = copy.deepcopy(eager)
     assert any(isinstance(m, BatchedDeltas) for m in model.children())
