@@ -107,6 +107,19 @@ def train_steps(model, x=None, steps=3, lr=1e-2, seed=0):
     return model.eval()
 
 
+def assert_batched_equals_one_by_one(model, x):
+    """The model's forward computes every delta's factors at once (a forward pre-hook);
+    forward_features alone (no hook) runs each delta on its own: same outputs and gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    batched = model(x)
+    g_batched = torch.autograd.grad(batched.square().sum(), params)
+    one_by_one = model.forward_head(model.forward_features(x))
+    g_one = torch.autograd.grad(one_by_one.square().sum(), params)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_batched, g_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def digits_accuracy(model, epochs=8, lr=5e-3, batch=50):
     """Train on 1000 of sklearn's digits (32 px), report accuracy on the other 797."""
     import torch.nn.functional as F

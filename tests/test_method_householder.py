@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_vit
-from conftest import VIT_B16, build, train_steps
+from conftest import assert_batched_equals_one_by_one, VIT_B16, build, train_steps
 from peft_vit.methods.base import AdaptedLinear
 from peft_vit.methods.householder import HouseholderDelta, householder_matrix, reflect
 
@@ -108,14 +108,7 @@ def test_batched_step_equals_matrix_by_matrix(kw, tiny_input):
     """The model's forward computes every factor at once (a forward pre-hook); forward_features
     alone (no hook) runs each HouseholderDelta on its own: same outputs and gradients."""
     model = _randomised(build("householder", **kw)).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    batched = model(tiny_input)
-    g_batched = torch.autograd.grad(batched.square().sum(), params)
-    one_by_one = model.forward_head(model.forward_features(tiny_input))
-    g_one = torch.autograd.grad(one_by_one.square().sum(), params)
-    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g_batched, g_one):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_batched_equals_one_by_one(model, tiny_input)
 
 
 def test_batched_dropout_masks_each_block_and_averages_to_eval():

@@ -4,7 +4,7 @@ import copy
 import torch
 
 import peft_vit
-from conftest import TINY_MODEL, VIT_B16, build, train_steps
+from conftest import assert_batched_equals_one_by_one, TINY_MODEL, VIT_B16, build, train_steps
 from peft_vit.backbone import create_backbone
 from peft_vit.methods.lora import LoRADelta
 
@@ -104,11 +104,4 @@ def test_q_v_batched_step_equals_block_by_block(tiny_input):
         for d in model.modules():
             if isinstance(d, LoRADelta):
                 d.lora_B.normal_(0, 0.1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batched = model(tiny_input)
-    g_batched = torch.autograd.grad(batched.square().sum(), params)
-    one_by_one = model.forward_head(model.forward_features(tiny_input))
-    g_one = torch.autograd.grad(one_by_one.square().sum(), params)
-    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g_batched, g_one):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_batched_equals_one_by_one(model, tiny_input)

@@ -151,6 +151,18 @@ def pack_parameters(owner: nn.Module, units: Sequence[Sequence[nn.Module]], name
     return pack
 
 
+def block_onehot(lin: "AdaptedLinear") -> Tuple[torch.Tensor, int]:
+    """Where the adapted blocks of a fused Linear sit: a (G, NB) one-hot matrix (row g: the g-th
+    adapted block in row order, column: its slot among the NB equal blocks) and the block size.
+    Batched deltas scatter their G block updates into the whole output with it, without slicing."""
+    keys = sorted(lin.deltas, key=lambda k: lin.slices[k][0])
+    size = lin.slices[keys[0]][1] - lin.slices[keys[0]][0]
+    onehot = torch.zeros(len(keys), lin.out_features // size, device=lin.base.weight.device)
+    for g, k in enumerate(keys):
+        onehot[g, lin.slices[k][0] // size] = 1.0
+    return onehot, size
+
+
 class BatchedDeltas(nn.Module):
     """Computes the parameter-side factors of many :class:`AdaptedLinear` s together (across
     blocks of a fused projection and across layers), once per forward of the model, in a handful

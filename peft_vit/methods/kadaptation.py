@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import AdaptedLinear, BatchedDeltas, Delta, Method, PeftModule, adapt_linears, attach_batched, register_method
+from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, PeftModule, adapt_linears, attach_batched,
+                   block_onehot, register_method)
 
 
 class KronRules(PeftModule):
@@ -124,12 +125,7 @@ class KAdaptationBatched(BatchedDeltas):
         super().__init__([lin for unit in units for lin in unit])
         self.__dict__["units"] = units  # plain references: the Linears are in the model already
         for u, unit in enumerate(units):
-            lin = unit[0]
-            keys = sorted(lin.deltas, key=lambda k: lin.slices[k][0])
-            size = lin.slices[keys[0]][1] - lin.slices[keys[0]][0]
-            onehot = torch.zeros(len(keys), lin.out_features // size, device=lin.base.weight.device)
-            for g, k in enumerate(keys):
-                onehot[g, lin.slices[k][0] // size] = 1.0
+            onehot, _ = block_onehot(unit[0])
             self.register_buffer(f"onehot_{u}", onehot, persistent=False)
         self.where = [(u, i) for u, unit in enumerate(units) for i in range(len(unit))]
 

@@ -27,7 +27,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .base import AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, attach_batched, pack_parameters, register_method
+from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, attach_batched, block_onehot,
+                   pack_parameters, register_method)
 
 
 class LoRADelta(Delta):
@@ -67,10 +68,7 @@ class LoRABatched(BatchedDeltas):
         for u, unit in enumerate(units):
             lin = unit[0]
             keys = sorted(lin.deltas, key=lambda k: lin.slices[k][0])
-            size = lin.slices[keys[0]][1] - lin.slices[keys[0]][0]
-            onehot = torch.zeros(len(keys), lin.out_features // size, device=lin.base.weight.device)
-            for g, k in enumerate(keys):
-                onehot[g, lin.slices[k][0] // size] = 1.0
+            onehot, size = block_onehot(lin)
             self.register_buffer(f"onehot_{u}", onehot[:, None, :, None], persistent=False)
             first = lin.deltas[keys[0]]
             self.shapes.append((len(unit), len(keys), first.lora_A.shape[0], lin.in_features, size, first.scale))
