@@ -96,3 +96,29 @@ def test_learns_digits(method):
     settings = dict(ROWS[method].digits)
     acc = digits_accuracy(build(method, settings.pop("model")), **settings)
     assert acc > 0.30, acc
+
+
+def test_make_delta_gets_a_site_with_the_frozen_block():
+    """adapt_linears hands make_delta one Site per block: name, block, layer and views of the
+    frozen weight/bias rows it adapts (what a DoRA-like method needs)."""
+    import timm
+
+    from peft_vit.methods.base import Delta, Site, adapt_linears
+
+    model = timm.create_model(TINY_MODEL["name"], pretrained=False, img_size=32, num_classes=10,
+                              **TINY_MODEL["overrides"])
+    qkv = model.blocks[1].attn.qkv
+    dim = qkv.in_features
+    seen = []
+
+    def make(site: Site) -> Delta:
+        seen.append(site)
+        return Delta()
+
+    adapt_linears(model, ["v", "o"], make)
+    v = next(s for s in seen if s.block == "v" and s.layer == 1)
+    assert v.name == "blocks.1.attn.qkv" and (v.out_features, v.in_features) == (dim, dim)
+    assert torch.equal(v.weight, qkv.weight[2 * dim:]) and torch.equal(v.bias, qkv.bias[2 * dim:])
+    assert v.weight.data_ptr() == qkv.weight[2 * dim:].data_ptr()  # a view, not a copy
+    o = next(s for s in seen if s.name == "blocks.0.attn.proj")
+    assert o.block == "all" and o.layer == 0 and o.weight.shape == (dim, dim)

@@ -27,6 +27,7 @@ no extra modules.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "METHODS", "Method", "Delta", "PeftModule", "AdaptedLinear", "InsertedAfter", "InsertedParallel",
-    "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
+    "Site", "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
     "replace_module", "merge", "ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched",
     "count_parameters", "NotMergeableError", "FUSED_BLOCKS", "default_no_weight_decay",
 ]
@@ -476,18 +477,49 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a Delta goes, as :func:`adapt_linears` hands it to ``make_delta``: the module name,
+    the block (``"all"``, or ``q``/``k``/``v`` of a fused projection), the layer index (-1 outside
+    ``blocks.N``), and the frozen Linear with the block's output rows. ``weight`` and ``bias``
+    are views of the frozen block (e.g. for a DoRA-like method that needs the weight's norms)."""
+
+    name: str
+    block: str
+    layer: int
+    linear: nn.Linear
+    rows: Tuple[int, int]
+
+    @property
+    def out_features(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.rows[0]:self.rows[1]]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        b = self.linear.bias
+        return None if b is None else b[self.rows[0]:self.rows[1]]
+
+
 def adapt_linears(
     model: nn.Module,
     targets: Sequence[str],
-    make_delta: Callable[[str, str, int, int, int], Delta],
+    make_delta: Callable[["Site"], Delta],
     blocks: str = "blocks.*",
     weight_space: bool = False,
 ) -> List[str]:
     """Attach a Delta to every Linear named by ``targets`` inside every module matching ``blocks``.
 
     ``targets`` are short names (``q k v qkv o fc1 fc2``) or module-name suffixes
-    (``attn.proj``). ``make_delta(module_name, block, out_features, in_features, layer_index)``
-    builds one Delta. Returns the adapted ``module_name[:block]`` list, in order.
+    (``attn.proj``). ``make_delta(site)`` builds one Delta for one :class:`Site`. Returns the
+    adapted ``module_name[:block]`` list, in order.
     """
     done: List[str] = []
     names = dict(model.named_modules())
@@ -509,8 +541,7 @@ def adapt_linears(
             else:
                 raise TypeError(f"target {n} is a {type(mod).__name__}, not a Linear")
             bname, rows = _block_rows(wrapped.base, n, block)
-            layer = _layer_index(n)
-            wrapped.add(bname, rows, make_delta(n, bname, rows[1] - rows[0], wrapped.in_features, layer))
+            wrapped.add(bname, rows, make_delta(Site(n, bname, _layer_index(n), wrapped.base, rows)))
             done.append(n if bname == "all" else f"{n}:{bname}")
     return done
 

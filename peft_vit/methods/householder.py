@@ -243,8 +243,8 @@ class Householder(Method):
         self.addon_init, self.decay_vectors = addon_init, bool(decay_vectors)
 
     def inject(self, model: nn.Module) -> None:
-        adapt_linears(model, self.targets, lambda name, block, out, inp, layer: HouseholderDelta(
-            out, inp, self.rank, self.reflection, self.dropout, self.addon_init))
+        adapt_linears(model, self.targets, lambda site: HouseholderDelta(
+            site.out_features, site.in_features, self.rank, self.reflection, self.dropout, self.addon_init))
         # one unit per shape of adapted matrix: in every layer the same sequence of Linears
         layers: Dict[tuple, Dict[int, List[AdaptedLinear]]] = {}
         for name, mod in model.named_modules():

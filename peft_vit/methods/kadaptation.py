@@ -215,8 +215,8 @@ class KAdaptation(Method):
 
         for target in self.targets:  # one set of shared rules per target (q, v)
             rules = KronRules(self.n, self.a_dim, self.a_rank, self.rule_init_range)
-            adapt_linears(model, [target], lambda name, block, out, inp, layer, rules=rules: KAdaptationDelta(
-                out, inp, rules, bias_for(layer, out), self.b_rank, self.scale, self.dropout, self.dropout_mode))
+            adapt_linears(model, [target], lambda site, rules=rules: KAdaptationDelta(
+                site.out_features, site.in_features, rules, bias_for(site.layer, site.out_features), self.b_rank, self.scale, self.dropout, self.dropout_mode))
         kinds: Dict[tuple, List[AdaptedLinear]] = {}
         for name, mod in model.named_modules():
             if isinstance(mod, AdaptedLinear) and all(isinstance(d, KAdaptationDelta) for d in mod.deltas.values()):

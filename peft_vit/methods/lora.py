@@ -110,8 +110,8 @@ class LoRA(Method):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
 
     def inject(self, model: nn.Module) -> None:
-        adapt_linears(model, self.targets, lambda name, block, out, inp, layer: LoRADelta(
-            out, inp, self.rank, self.alpha, self.dropout, self.init))
+        adapt_linears(model, self.targets, lambda site: LoRADelta(
+            site.out_features, site.in_features, self.rank, self.alpha, self.dropout, self.init))
         # Linears with several adapted blocks, grouped by kind across layers
         kinds: Dict[tuple, List[AdaptedLinear]] = {}
         for name, mod in model.named_modules():

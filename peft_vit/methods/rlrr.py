@@ -180,7 +180,7 @@ class RLRR(Method):
         self.blocks = blocks
 
     def inject(self, model: nn.Module) -> None:
-        adapt_linears(model, self.targets, lambda n, b, out, inp, layer: RLRRDelta(out, inp),
+        adapt_linears(model, self.targets, lambda site: RLRRDelta(site.out_features, site.in_features),
                       blocks=self.blocks, weight_space=True)
         blocks = self._block_names(model)
         if self.ssf:
