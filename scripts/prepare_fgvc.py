@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FGVC data (SPEC §4): what is expected where, and what is missing.
+"""FGVC data (VPT's splits; docs/REFERENCE.md §3): what is expected where, and what is missing.
 
     python scripts/prepare_fgvc.py --check              # all five datasets
     python scripts/prepare_fgvc.py --check cub dogs --root /data/fgvc

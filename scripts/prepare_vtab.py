@@ -5,7 +5,7 @@
     python scripts/prepare_vtab.py cifar dtd kitti    # some (config names, NOAH folder names or aliases)
     python scripts/prepare_vtab.py --list             # the registry: splits, labels, sizes
 
-Each task is read from its tfds builder with exactly SPEC §3's split strings and label transform
+Each task is read from its tfds builder with exactly task_adaptation's split strings and label transform
 (peft_vit.data.vtab.TASKS) and written to <root>/<folder>/ (see datasets/README.md). tfds
 downloads the source datasets into --data-dir first (TensorFlow needed); resisc45 and
 retinopathy need a manual download, which the script names when it is missing.

@@ -1,5 +1,5 @@
-"""FGVC (SPEC §4): CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs, Stanford Cars, read
-through VPT's split files::
+"""FGVC (docs/REFERENCE.md §3): CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs, Stanford
+Cars, read through the split files of VPT (Jia et al., ECCV 2022; github.com/KMnP/vpt)::
 
     <root>/<folder>/{train,val,test}.json      each {relative_image_path: class_id}
     <root>/<folder>/<image_dir>/<relative_image_path>

@@ -4,7 +4,7 @@ a uint8 cache file that later runs reuse (the 1k training sets are read into mem
 memory-mapped), or, without a cache directory, decoded per run (training sets) or lazily in
 DataLoader workers (test sets).
 
-NOAH layout (SPEC §3)::
+NOAH layout (github.com/ZhangYuanhan-AI/NOAH; docs/REFERENCE.md §2)::
 
     <root>/<folder>/{train800,val200,train800val200,test}.txt   lines: "images/<split>/000123.jpg <label>"
     <root>/<folder>/images/<split>/...

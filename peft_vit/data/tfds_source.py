@@ -1,7 +1,7 @@
 """tensorflow-datasets -> NOAH's image-folder layout, so one reader serves both sources.
 
 For each task, the registry's tfds builder is read with exactly the registry's split strings
-(SPEC §3) and label transform, and written as::
+(google-research/task_adaptation; docs/REFERENCE.md §2) and label transform, and written as::
 
     <root>/<folder>/images/{train800,val200,test}/000000.<png|jpg>
     <root>/<folder>/{train800,val200,train800val200,test}.txt     lines "images/<split>/000000.png <label>"

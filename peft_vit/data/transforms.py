@@ -5,8 +5,8 @@ transformed on the PIL image (so resizing matches NOAH/VPT, which resize PIL ima
 uint8 tensors (3, H, W) and normalised last (:class:`Normalize`), so one normalisation serves both
 the in-memory training sets and the streamed test sets.
 
-- VTAB-1k (SPEC §3): resize straight to ``img_size`` x ``img_size``, bicubic, no crop.
-- FGVC (SPEC §4): train = random-resized-crop + flip (HTA) or resize + random crop + flip
+- VTAB-1k (docs/REFERENCE.md §2): resize straight to ``img_size`` x ``img_size``, bicubic, no crop.
+- FGVC (docs/REFERENCE.md §3): train = random-resized-crop + flip (HTA) or resize + random crop + flip
   (RLRR/VPT); test = resize the short side to ``img_size * 256 / 224``, centre crop.
 """
 from __future__ import annotations

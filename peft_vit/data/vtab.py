@@ -1,7 +1,7 @@
 """VTAB-1k: the task registry every VTAB path reads (configs, the folder reader, the tfds
 preparation, verify_data), and the ``vtab`` data source.
 
-Split strings and label transforms are those of google-research/task_adaptation (SPEC §3):
+Split strings and label transforms are those of google-research/task_adaptation (docs/REFERENCE.md §2):
 train800 = ``train[:800]``, train800val200 = train800 + val200 (tfds ``+`` concatenates in
 order, so its images are train800's followed by val200's).
 """
@@ -103,7 +103,7 @@ class Task:
     val200: str
     test: str
     test_size: int
-    flip: bool  # RLRR's per-task horizontal flip (SPEC §5)
+    flip: bool  # RLRR's per-task horizontal flip (RLRR's released configs; docs/REFERENCE.md §4)
     label_fn: Callable = Field("label")
     aliases: Tuple[str, ...] = ()
     gray: bool = False  # single-channel source: tile to RGB
