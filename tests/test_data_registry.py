@@ -1,5 +1,6 @@
-"""The VTAB-1k task registry and the FGVC registry against SPEC §3/§4 (tables copied here by
-hand, independently of the code), and the 24 dataset configs against the registries."""
+"""The VTAB-1k task registry (task_adaptation's splits) and the FGVC registry (VPT's sizes) against
+docs/REFERENCE.md §2/§3 (tables copied here by hand, independently of the code), and the 24 dataset
+configs against the registries."""
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,8 +11,8 @@ from omegaconf import OmegaConf
 from conftest import CONFIGS, compose
 from peft_vit.data import fgvc, vtab
 
-# SPEC §3: task -> (folder, tfds builder, C, val200, test, test size, group, RLRR flip)
-SPEC_VTAB = {
+# docs/REFERENCE.md §2: task -> (folder, tfds builder, C, val200, test, test size, group, RLRR flip)
+REFERENCE_VTAB = {
     "cifar": ("cifar", "cifar100:3.*.*", 100, "train[45000:45200]", "test", 10_000, "natural", False),
     "caltech101": ("caltech101", "caltech101:3.*.*", 102, "train[2754:2954]", "test", 6_084, "natural", False),
     "dtd": ("dtd", "dtd:3.*.*", 47, "validation[:200]", "test", 1_880, "natural", True),
@@ -34,7 +35,7 @@ SPEC_VTAB = {
     "smallnorb_ele": ("smallnorb_ele", "smallnorb:2.*.*", 9, "test[:200]", "test[50%:]", 12_150, "structured", True),
 }
 
-# full tfds split sizes (tfds catalog), to check that the slices give SPEC's test sizes and follow
+# full tfds split sizes (tfds catalog), to check that the slices give the reference test sizes and follow
 # the stated rule (last 10 % of train as val for cifar, caltech, svhn, clevr; 20 % for pets; ...)
 TFDS_SIZES = {
     "cifar100:3.*.*": dict(train=50_000, test=10_000),
@@ -57,7 +58,7 @@ TFDS_SIZES = {
 HELD_OUT_VAL = {"cifar": 0.9, "caltech101": 0.9, "svhn": 0.9, "clevr_count": 0.9, "clevr_dist": 0.9, "pets": 0.8,
                 "eurosat": 0.6, "resisc45": 0.6, "dsprites_loc": 0.8, "dsprites_ori": 0.8}
 
-SPEC_FGVC = {  # SPEC §4: name -> (classes, train, val, test, image dir)
+REFERENCE_FGVC = {  # docs/REFERENCE.md §3 (VPT): name -> (classes, train, val, test, image dir)
     "cub": (200, 5_394, 600, 5_794, "images"), "nabirds": (555, 21_536, 2_393, 24_633, "images"),
     "flowers": (102, 1_020, 1_020, 6_149, ""), "dogs": (120, 10_800, 1_200, 8_580, "Images"),
     "cars": (196, 7_329, 815, 8_041, ""),
@@ -65,15 +66,15 @@ SPEC_FGVC = {  # SPEC §4: name -> (classes, train, val, test, image dir)
 
 
 def test_registry_is_spec_table():
-    assert list(vtab.TASKS) == list(SPEC_VTAB)
-    for name, (folder, builder, c, val200, test, test_size, group, flip) in SPEC_VTAB.items():
+    assert list(vtab.TASKS) == list(REFERENCE_VTAB)
+    for name, (folder, builder, c, val200, test, test_size, group, flip) in REFERENCE_VTAB.items():
         t = vtab.TASKS[name]
         assert (t.name, t.folder, t.tfds_name, t.num_classes, t.group, t.flip, t.test_size) == \
                (name, folder, builder, c, group, flip, test_size), name
         assert t.splits == {"train800": "train[:800]", "val200": val200,
                             "train800val200": f"train[:800]+{val200}", "test": test}, name
         assert t.expected_sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": test_size}
-    assert sum(t.num_classes for t in vtab.TASKS.values()) == 940  # SPEC §2: head count over 19 tasks
+    assert sum(t.num_classes for t in vtab.TASKS.values()) == 940  # heads over 19 tasks (docs/REFERENCE.md §1.0)
     assert [sum(t.group == g for t in vtab.TASKS.values()) for g in vtab.GROUPS] == [7, 4, 8]
 
 
@@ -88,10 +89,10 @@ def _absolute(spec, sizes):
 
 
 @pytest.mark.tfds
-@pytest.mark.parametrize("name", list(SPEC_VTAB))
-def test_split_strings_select_spec_counts(name):
+@pytest.mark.parametrize("name", list(REFERENCE_VTAB))
+def test_split_strings_select_reference_counts(name):
     """With the real tfds split sizes, tfds' own slicing of each split string yields 800 / 200 /
-    1000 / SPEC's test size, and val200 starts where the held-out part of train starts."""
+    1000 / the reference test size, and val200 starts where the held-out part of train starts."""
     t = vtab.TASKS[name]
     sizes = TFDS_SIZES[t.tfds_name]
     count = lambda s: sum(b - a for _, a, b in _absolute(s, sizes))  # noqa: E731
@@ -105,7 +106,7 @@ def test_split_strings_select_spec_counts(name):
            _absolute(t.splits["val200"], sizes)
 
 
-# ---- label transforms, written from SPEC's "label" column
+# ---- label transforms, written from the "label" column of docs/REFERENCE.md §2 (task_adaptation's preprocessing)
 
 def _kitti(types, zs):
     return {"objects": {"type": list(types), "location": [[0.0, 0.0, z] for z in zs]}}
@@ -131,7 +132,7 @@ LABEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_VTAB))
+@pytest.mark.parametrize("name", list(REFERENCE_VTAB))
 def test_label_transform(name):
     t = vtab.TASKS[name]
     cases = LABEL_CASES.get(name, [({"label": y}, y) for y in range(t.num_classes)])
@@ -178,15 +179,15 @@ def test_unknown_task_lists_known_ones():
     with pytest.raises(ValueError) as e:
         vtab.get_task("imagenet")
     assert "unknown VTAB-1k task 'imagenet'" in str(e.value)
-    for name in SPEC_VTAB:
+    for name in REFERENCE_VTAB:
         assert name in str(e.value)
     with pytest.raises(ValueError, match="unknown FGVC dataset 'aircraft'.*cub, nabirds, flowers, dogs, cars"):
         fgvc.get_dataset("aircraft")
 
 
 def test_fgvc_registry_is_spec_table():
-    assert list(fgvc.DATASETS) == list(SPEC_FGVC)
-    for name, (c, tr, va, te, img) in SPEC_FGVC.items():
+    assert list(fgvc.DATASETS) == list(REFERENCE_FGVC)
+    for name, (c, tr, va, te, img) in REFERENCE_FGVC.items():
         d = fgvc.DATASETS[name]
         assert (d.num_classes, d.sizes, d.image_dir) == (c, (tr, va, te), img)
 

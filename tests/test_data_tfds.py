@@ -1,6 +1,6 @@
 """The tfds path, on tfds' own mocking (``tfds.testing.mock_data`` with an ``as_dataset`` that
 honours the split string): for every task, prepare_vtab writes train800 / val200 /
-train800val200 / test with the sizes the split strings select, and each line's label is SPEC's
+train800val200 / test with the sizes the split strings select, and each line's label is task_adaptation's
 label transform of the example tfds served at that position."""
 import json
 import math
@@ -40,7 +40,7 @@ KITTI = [([3, 0], [1.0, 4.0]), ([3, 1], [1.0, 14.0]), ([3, 2], [1.0, 500.0]), ([
 
 
 def reference_label(task: str, n: int, num_classes: int) -> int:
-    """SPEC §3's label column, for the fake example n below."""
+    """The label column of docs/REFERENCE.md §2, for the fake example n below."""
     return {"clevr_count": n % 8, "clevr_dist": n % 6, "kitti": n % 4, "dsprites_loc": (n % 32) // 2,
             "dsprites_ori": math.floor((n % 40) / 2.5), "smallnorb_azi": n % 18,
             "smallnorb_ele": n % 9}.get(task, n % num_classes)

@@ -1,4 +1,4 @@
-"""The experiment presets of configs/experiment/ compose and carry the values of SPEC §2.1 and §5."""
+"""The experiment presets of configs/experiment/ compose and carry the values of docs/REFERENCE.md §1.1 and §4."""
 import pytest
 from omegaconf import OmegaConf
 
@@ -6,8 +6,8 @@ from conftest import CONFIGS, compose
 
 PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr", "fgvc_hta"]
 
-# SPEC §5, copied verbatim: RLRR's per-task lr / wd / drop / flip
-SPEC_RLRR = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
+# RLRR's per-task lr / wd / drop / flip (official configs, github.com/zstarN70/RLRR; docs/REFERENCE.md §4)
+RLRR_VTAB_RECIPE = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
   flowers 3e-3/5e-2/.3/no · pets 1e-3/5e-5/.1/yes · svhn 5e-3/5e-5/.3/no ·
   sun397 1e-3/5e-5/.1/no · camelyon 3e-3/5e-2/.3/yes · eurosat 1e-3/5e-5/.1/yes ·
   resisc45 3e-3/5e-5/0/no · retinopathy 5e-3/5e-5/.1/yes · clevr_count 5e-3/5e-5/.5/yes ·
@@ -18,7 +18,7 @@ SPEC_RLRR = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5
 
 def spec_rlrr():
     out = {}
-    for item in SPEC_RLRR.replace("\n", " ").rstrip(".").split("·"):
+    for item in RLRR_VTAB_RECIPE.replace("\n", " ").rstrip(".").split("·"):
         name, vals = item.split()
         lr, wd, drop, flip = vals.split("/")
         out[name] = (float(lr), float(wd), float(drop), flip == "yes")
@@ -101,7 +101,7 @@ def test_rlrr_presets_zero_the_head_and_use_the_official_decay_groups(preset):
 
 
 def test_vtab_rlrr_dtd():
-    """`python train.py experiment=vtab_rlrr dataset=vtab/dtd`: dtd's row of SPEC §5."""
+    """`python train.py experiment=vtab_rlrr dataset=vtab/dtd`: dtd's row of docs/REFERENCE.md §4."""
     c = compose("experiment=vtab_rlrr", "dataset=vtab/dtd")
     assert c.dataset.task == "dtd"
     assert c.optim.lr == 2e-3 and c.optim.weight_decay == 5e-5 and train_flip(c.dataset) is True
@@ -145,7 +145,7 @@ def test_vtab_rlrr_rejects_a_dataset_without_a_row():
         job(c)
 
 
-HTA_LR = [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001]   # SPEC §2.1
+HTA_LR = [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001]   # HTA paper's grid (docs/REFERENCE.md §1.1)
 HTA_WD = [0.05, 0.01, 0.005, 0.001, 0.0]
 
 
@@ -210,15 +210,15 @@ def test_vtab_rlrr_flips_come_from_the_task_registry_only():
     assert preset.dataset.flip == "rlrr" and not [t for t, v in preset.rlrr_hparams.vtab.items() if "flip" in v]
 
 
-# SPEC §5: "FGVC: batch 32, wd 0.05, 50 epochs; lr / drop: CUB 3e-3/.1, NABirds 5e-4/.3,
-# Flowers 3e-3/.2, Dogs 1e-4/0, Cars 3e-3/.2."
-SPEC_RLRR_FGVC = {"cub": (3e-3, 0.1), "nabirds": (5e-4, 0.3), "flowers": (3e-3, 0.2), "dogs": (1e-4, 0.0),
-                  "cars": (3e-3, 0.2)}
+# RLRR's FGVC recipe (github.com/zstarN70/RLRR; docs/REFERENCE.md §4): batch 32, weight decay 0.05,
+# 50 epochs, and per dataset (lr, drop):
+RLRR_FGVC_RECIPE = {"cub": (3e-3, 0.1), "nabirds": (5e-4, 0.3), "flowers": (3e-3, 0.2), "dogs": (1e-4, 0.0),
+                    "cars": (3e-3, 0.2)}
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_RLRR_FGVC))
+@pytest.mark.parametrize("name", sorted(RLRR_FGVC_RECIPE))
 def test_fgvc_rlrr_every_dataset(name):
-    lr, drop = SPEC_RLRR_FGVC[name]
+    lr, drop = RLRR_FGVC_RECIPE[name]
     j = job(compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}"))
     assert j["dataset"]["task"] == name and j["method"]["name"] == "rlrr" and j["protocol"] == "final"
     assert (j["optim"]["lr"], j["optim"]["weight_decay"]) == (lr, 0.05)
@@ -238,7 +238,7 @@ def test_fgvc_rlrr_table_covers_the_registry():
     from peft_vit.data.fgvc import DATASETS
 
     table = OmegaConf.load(CONFIGS / "experiment" / "fgvc_rlrr.yaml").rlrr_fgvc_hparams
-    assert set(table) == set(DATASETS) == set(SPEC_RLRR_FGVC)
+    assert set(table) == set(DATASETS) == set(RLRR_FGVC_RECIPE)
 
 
 def test_fgvc_rlrr_schedule_builds_for_every_dataset():
@@ -246,7 +246,7 @@ def test_fgvc_rlrr_schedule_builds_for_every_dataset():
 
     from peft_vit.engine.loop import build_scheduler
 
-    for name in SPEC_RLRR_FGVC:
+    for name in RLRR_FGVC_RECIPE:
         c = compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}")
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=c.optim.lr)
         build_scheduler(opt, c.optim, c.trainer.epochs, steps_per_epoch=3)

@@ -1,4 +1,4 @@
-"""Adapter (SPEC §2.3): placement, initialisation, counts of the other placements. The contract
+"""Adapter (docs/REFERENCE.md §1.3): placement, initialisation, counts of the other placements. The contract
 (pfeiffer's count, training, digits) is in test_method_contract.py, the merge refusal in test_merge.py."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Householder-SVD adaptation (HTA), SPEC §2.1."""
+"""Householder-SVD adaptation (HTA; Dong et al., NeurIPS 2024), docs/REFERENCE.md §1.1."""
 import json
 
 import pytest

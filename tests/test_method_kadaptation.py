@@ -1,4 +1,4 @@
-"""KAdaptation, SPEC §2.5."""
+"""KAdaptation (He, Li et al., AAAI 2023), docs/REFERENCE.md §1.5."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""LoRA (NOAH's setting), SPEC §2.2."""
+"""LoRA (NOAH's setting), docs/REFERENCE.md §1.2."""
 import copy
 
 import torch

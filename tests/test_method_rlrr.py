@@ -1,4 +1,4 @@
-"""RLRR (SPEC §2.4): targets, block-wise qkv, SSF placement, official init, counts, residual
+"""RLRR (docs/REFERENCE.md §1.4): targets, block-wise qkv, SSF placement, official init, counts, residual
 dropout, training, exact merge."""
 import math
 
@@ -21,7 +21,7 @@ LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 def test_vit_b16_count_breakdown():  # the total: test_method_contract.py
     model = build("rlrr", VIT_B16)
     per_block = sum(p.numel() for p in model.blocks[0].parameters() if p.requires_grad)
-    assert per_block == 4 * 2_304 + 6_912 + 4_608 + 2 * 1_536 == 23_808  # SPEC's breakdown
+    assert per_block == 4 * 2_304 + 6_912 + 4_608 + 2 * 1_536 == 23_808  # the breakdown of docs/REFERENCE.md §1.4
     outside = sum(p.numel() for n, p in model.named_parameters()
                   if p.requires_grad and not n.startswith(("blocks.", "head.")))
     assert outside == 2 * 1_536  # final-norm and patch-embedding SSF

@@ -20,7 +20,7 @@ from peft_vit.report.tables import PAPER_FILE, load_paper
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
-# SPEC §3 class counts (heads) and SPEC §4 for FGVC
+# class counts (heads): docs/REFERENCE.md §2 for VTAB-1k and §3 for FGVC
 VTAB_CLASSES = dict(cifar=100, caltech101=102, dtd=47, flowers=102, pets=37, svhn=10, sun397=397, camelyon=2,
                     eurosat=10, resisc45=45, retinopathy=5, clevr_count=8, clevr_dist=6, dmlab=6, kitti=4,
                     dsprites_loc=16, dsprites_ori=16, smallnorb_azi=18, smallnorb_ele=9)
@@ -190,7 +190,7 @@ def test_paper_file_is_consistent():
             assert r["source"] and r["cite"] and r["params_include_head"] in (True, False, None)
             mean = sum(r["acc"].values()) / len(names)
             assert abs(mean - r["mean"]) <= 0.1 + 1e-9, (bench, r["label"], mean, r["mean"])
-    # NOAH's own averages are means of the group means (SPEC §6: Adapter 73.9, LoRA 74.5)
+    # NOAH's own averages are means of the group means (NOAH Table 1: Adapter 73.9, LoRA 74.5)
     groups = vtab_tasks()
     for label, printed in (("Adapter", 73.9), ("LoRA", 74.5)):
         acc = next(r for r in data["vtab"] if r["label"] == label)["acc"]
@@ -242,7 +242,7 @@ def test_make_table_cli(results, tmp_path, capsys):
 
 
 def test_benchmarks_follow_the_registries():
-    """Task order, groups and heads come from peft_vit.data.{vtab,fgvc}, which follow SPEC §3/§4."""
+    """Task order, groups and heads come from peft_vit.data.{vtab,fgvc}, which follow docs/REFERENCE.md §2/§3."""
     from peft_vit.report.tables import fgvc_benchmark, vtab_benchmark
 
     v = vtab_benchmark()
