@@ -5,8 +5,9 @@
     python scripts/proxy_pretrain.py --steps 200 --out /tmp/vit.safetensors   # a quick try
 
 The data (``peft_vit.data.proxy.pretrain_batch``) is drawn fresh every step from a generator
-seeded with ``--seed``: 256 classes = 8 shapes x 8 hues x 4 textures; 1-2 copies of the object
-at random positions, scales and rotations on a random background. Everything else a transfer
+seeded with ``--seed``: 32 classes = 8 shapes x 4 textures; 1-2 copies of the object in a
+random hue at random positions, scales and rotations on a random background. ``--init`` starts
+from earlier weights (all but the head), to continue a pretraining. Everything else a transfer
 task asks (count, position, orientation, distance, new shapes and textures, digits, spectra)
 is a nuisance here or absent. The model is timm's ``vit_tiny_patch16_224`` at 32 px with
 patch 8, width 96, depth 6 and 3 heads (configs/model/vit_proxy.yaml); the weights load through
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--out", default=str(REPO / "weights" / "proxy_vit.safetensors"))
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--init", default=None, help="start from these weights (.safetensors; the head is re-initialised)")
     a = ap.parse_args(argv)
 
     from safetensors.torch import save_file
@@ -77,6 +79,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     model = build_model()
+    init_meta = None
+    if a.init:
+        from safetensors.torch import load_file
+
+        state = {k: v for k, v in load_file(a.init).items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"head.weight", "head.bias"}:
+            raise ValueError(f"--init {a.init}: not this architecture (missing {missing}, unexpected {unexpected})")
+        meta_file = Path(a.init).with_suffix(".json")
+        init_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else str(a.init)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = CosineLRScheduler(opt, t_initial=a.steps, lr_min=a.lr / 100, warmup_t=a.warmup, warmup_lr_init=a.lr / 100,
                               t_in_epochs=False)
@@ -111,7 +123,7 @@ def main(argv=None) -> int:
     meta = {
         "command": "python scripts/proxy_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": a.seed, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "weight_decay": a.weight_decay,
-        "warmup": a.warmup, "threads": a.threads, "arch": ARCH, "normalize": NORMALIZE, "params": n_params,
+        "warmup": a.warmup, "threads": a.threads, "init": init_meta, "arch": ARCH, "normalize": NORMALIZE, "params": n_params,
         "classes": proxy.NUM_PRETRAIN_CLASSES, "generator_version": proxy.VERSION,
         "held_out_top1": round(acc, 2), "train_seconds": round(train_s, 1),
         "images_per_s": round(a.steps * a.batch_size / train_s, 1),

@@ -31,6 +31,21 @@ def test_tasks_are_deterministic_and_cover_their_classes():
     assert torch.bincount(y, minlength=8).min() > 80  # every class present in the 1,000 test images
 
 
+def test_cells_label_is_not_in_the_colour_statistics():
+    """An earlier ``cells`` was solved (98 %) by any backbone, random ones too, from the amount of
+    purple in the patch; now the nuclei's shape decides, and a logistic regression on each
+    image's per-channel mean and std stays near chance (54 % when written)."""
+    from sklearn.linear_model import LogisticRegression
+
+    def stats(x):
+        x = x.float() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).numpy()
+
+    task = proxy.TASKS["cells"]
+    (xtr, ytr), (xte, yte) = proxy.generate(task, "train800"), proxy.generate(task, "test")
+    assert LogisticRegression(max_iter=1000).fit(stats(xtr), ytr.numpy()).score(stats(xte), yte.numpy()) < 0.62
+
+
 def test_task_written_in_noah_layout_and_read_back(tmp_path):
     from peft_vit.data import build_datasets
 
@@ -86,6 +101,7 @@ def quick_subset(tmp_path_factory):
 def test_quick_subset_peft_and_full_beat_linear_on_structured(quick_subset):
     acc = quick_subset["structured mean"]
     assert set(acc.index) == set(proxy_benchmark.registered_methods())
-    losers = {m: round(a, 1) for m, a in acc.items() if m != "linear" and not a > acc["linear"]}
-    assert not losers, f"not above the linear probe ({acc['linear']:.1f}%) on {QUICK_TASKS}: {losers}"
-    assert acc["full"] > acc["linear"] + 5, f"full fine-tuning {acc['full']:.1f}% vs linear {acc['linear']:.1f}%"
+    # measured (README): linear 21.9, full 46.7, the PEFT methods 26.5 (adapter) to 37.6 (lora)
+    losers = {m: round(a, 1) for m, a in acc.items() if m != "linear" and not a > acc["linear"] + 2}
+    assert not losers, f"not 2 points above the linear probe ({acc['linear']:.1f}%) on {QUICK_TASKS}: {losers}"
+    assert acc["full"] > acc["linear"] + 15, f"full fine-tuning {acc['full']:.1f}% vs linear {acc['linear']:.1f}%"
