@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from timm.layers import get_act_layer
 
-from .base import Method, PeftModule, insert_after, insert_parallel, register_method
+from .base import Method, PeftModule, block_names, insert_after, insert_parallel, register_method
 
 PLACEMENTS = ("pfeiffer", "houlsby", "adaptformer")
 
@@ -96,7 +96,7 @@ class AdapterMethod(Method):
 
     def __init__(self, bottleneck: int = 8, dropout: float = 0.1, placement: str = "pfeiffer",
                  act: Optional[str] = None, scale: Optional[float] = None, init: Optional[str] = "paper",
-                 blocks: str = "blocks.*"):
+                 blocks: Optional[str] = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"adapter placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
         d_act, d_scale, d_init = self.DEFAULTS[placement]
@@ -112,13 +112,7 @@ class AdapterMethod(Method):
         return Adapter(dim, self.bottleneck, self.act, self.dropout, self.scale, self.init, residual)
 
     def inject(self, model: nn.Module) -> None:
-        import fnmatch
-
-        names = [n for n, _ in model.named_modules()
-                 if fnmatch.fnmatch(n, self.blocks) and n.count(".") == self.blocks.count(".")]
-        if not names:
-            raise ValueError(f"adapter: no block matches {self.blocks!r}")
-        for b in names:
+        for b in block_names(model, self.blocks):
             dim = model.get_submodule(f"{b}.norm2").normalized_shape[-1]
             if self.placement == "adaptformer":
                 # parallel to the MLP branch; input: the block's stream before LN2

@@ -27,8 +27,9 @@ no extra modules.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 import math
+import re
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "Site", "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
     "replace_module", "merge", "ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched",
     "count_parameters", "NotMergeableError", "FUSED_BLOCKS", "default_no_weight_decay",
+    "block_names", "layer_index", "backbone_family", "UnsupportedBackboneError",
 ]
 
 METHODS: Dict[str, Type["Method"]] = {}
@@ -62,6 +64,51 @@ TARGET_ALIASES: Dict[str, Tuple[str, Optional[str]]] = {
 
 class NotMergeableError(RuntimeError):
     pass
+
+
+class UnsupportedBackboneError(ValueError):
+    """A method cannot apply to a backbone family (e.g. VPT's prompt tokens and Swin's windows)."""
+
+
+# The transformer blocks of the timm families this project supports, in forward order: ViT and its
+# relatives (DINOv2, CLIP, MAE) ``blocks.N``; Swin ``layers.S.blocks.N`` (hierarchical: the width
+# grows by stage). A method locates its sites relative to these names (``<block>.attn.qkv``).
+BLOCK_NAME = re.compile(r"(?:layers\.\d+\.)?blocks\.\d+")
+
+
+def backbone_family(model: nn.Module) -> str:
+    """``vit`` or ``swin`` (timm's ``VisionTransformer`` / ``SwinTransformer``), else the class name."""
+    kind = type(model).__name__
+    return {"VisionTransformer": "vit", "SwinTransformer": "swin"}.get(kind, kind)
+
+
+def block_names(model: nn.Module, pattern: Optional[str] = None) -> List[str]:
+    """The names of the model's transformer blocks, in forward order (:data:`BLOCK_NAME`), or those
+    matching the fnmatch ``pattern`` (a method's ``blocks`` option) when one is given."""
+    if pattern is None:
+        names = [n for n, _ in model.named_modules() if BLOCK_NAME.fullmatch(n)]
+    else:
+        names = [n for n, _ in model.named_modules() if fnmatch.fnmatch(n, pattern) and n.count(".") == pattern.count(".")]
+    if not names:
+        want = repr(pattern) if pattern else "blocks.N or layers.S.blocks.N"
+        raise ValueError(f"{type(model).__name__}: no transformer block matches {want}; pass the blocks' "
+                         "module names as a pattern (a method's `blocks` option, e.g. method.blocks='blocks.*')")
+    return names
+
+
+def layer_index(model: nn.Module, pattern: Optional[str] = None) -> Callable[[str], int]:
+    """``index(module_name)``: the position of the block holding that module among
+    :func:`block_names` (one count across Swin's stages), -1 outside every block."""
+    where = {b: i for i, b in enumerate(block_names(model, pattern))}
+
+    def index(name: str) -> int:
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            i = where.get(".".join(parts[:k]))
+            if i is not None:
+                return i
+        return -1
+    return index
 
 
 class PeftModule(nn.Module):
@@ -480,8 +527,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 @dataclass(frozen=True)
 class Site:
     """Where a Delta goes, as :func:`adapt_linears` hands it to ``make_delta``: the module name,
-    the block (``"all"``, or ``q``/``k``/``v`` of a fused projection), the layer index (-1 outside
-    ``blocks.N``), and the frozen Linear with the block's output rows. ``weight`` and ``bias``
+    the block (``"all"``, or ``q``/``k``/``v`` of a fused projection), the layer index (the
+    position of its transformer block, :func:`layer_index`), and the frozen Linear with the block's output rows. ``weight`` and ``bias``
     are views of the frozen block (e.g. for a DoRA-like method that needs the weight's norms)."""
 
     name: str
@@ -512,10 +559,11 @@ def adapt_linears(
     model: nn.Module,
     targets: Sequence[str],
     make_delta: Callable[["Site"], Delta],
-    blocks: str = "blocks.*",
+    blocks: Optional[str] = None,
     weight_space: bool = False,
 ) -> List[str]:
-    """Attach a Delta to every Linear named by ``targets`` inside every module matching ``blocks``.
+    """Attach a Delta to every Linear named by ``targets`` inside every transformer block
+    (:func:`block_names`; ``blocks``: an fnmatch pattern for other block names).
 
     ``targets`` are short names (``q k v qkv o fc1 fc2``) or module-name suffixes
     (``attn.proj``). ``make_delta(site)`` builds one Delta for one :class:`Site`. Returns the
@@ -523,15 +571,14 @@ def adapt_linears(
     """
     done: List[str] = []
     names = dict(model.named_modules())
+    block_list = block_names(model, blocks)
     for target in targets:
         suffix, block = _resolve_target(target)
-        matched = [
-            n for n, m in names.items()
-            if (n == suffix or n.endswith("." + suffix)) and fnmatch.fnmatch(n, f"{blocks}.{suffix}")
-        ]
+        matched = [f"{b}.{suffix}" for b in block_list if f"{b}.{suffix}" in names]
         if not matched:
-            raise ValueError(f"target {target!r} matches no module under {blocks!r}")
-        for n in matched:
+            raise ValueError(f"target {target!r} matches no module {suffix!r} in the blocks "
+                             f"({block_list[0]}, …) of {type(model).__name__}")
+        for i, n in enumerate(matched):
             mod = model.get_submodule(n)
             if isinstance(mod, nn.Linear):
                 wrapped = AdaptedLinear(mod, weight_space=weight_space)
@@ -541,17 +588,10 @@ def adapt_linears(
             else:
                 raise TypeError(f"target {n} is a {type(mod).__name__}, not a Linear")
             bname, rows = _block_rows(wrapped.base, n, block)
-            wrapped.add(bname, rows, make_delta(Site(n, bname, _layer_index(n), wrapped.base, rows)))
+            layer = block_list.index(n[:-len(suffix) - 1])
+            wrapped.add(bname, rows, make_delta(Site(n, bname, layer, wrapped.base, rows)))
             done.append(n if bname == "all" else f"{n}:{bname}")
     return done
-
-
-def _layer_index(name: str) -> int:
-    parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
-        if a == "blocks" and b.isdigit():
-            return int(b)
-    return -1
 
 
 def insert_after(model: nn.Module, name: str, module: PeftModule) -> InsertedAfter:

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, _layer_index, adapt_linears, attach_batched,
+from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, layer_index, attach_batched,
                    pack_parameters, register_method)
 
 TARGET_PRESETS = {"qv": ["q", "v"], "qkvo": ["q", "k", "v", "o"],
@@ -247,11 +247,12 @@ class Householder(Method):
             site.out_features, site.in_features, self.rank, self.reflection, self.dropout, self.addon_init))
         # one unit per shape of adapted matrix: in every layer the same sequence of Linears
         layers: Dict[tuple, Dict[int, List[AdaptedLinear]]] = {}
+        layer_of = layer_index(model)
         for name, mod in model.named_modules():
             if isinstance(mod, AdaptedLinear) and all(isinstance(d, HouseholderDelta) for d in mod.deltas.values()):
                 first = _ordered(mod)[0]
                 key = (first.v_l.shape[-1], first.v_r.shape[-1])
-                layers.setdefault(key, {}).setdefault(_layer_index(name), []).append(mod)
+                layers.setdefault(key, {}).setdefault(layer_of(name), []).append(mod)
         units = []
         for by_layer in layers.values():
             seqs = list(by_layer.values())
@@ -281,6 +282,7 @@ class Householder(Method):
         """One row per adapted matrix, in the model's order: layer, matrix, |d| summary and the
         ranks of the H-term (:func:`rank_summary`)."""
         rows = []
+        layer_of = layer_index(model)
         for name, mod in model.named_modules():
             if not isinstance(mod, AdaptedLinear):
                 continue
@@ -288,7 +290,7 @@ class Householder(Method):
             for block in sorted(mod.deltas, key=lambda b: mod.slices[b][0]):
                 delta = mod.deltas[block]
                 if isinstance(delta, HouseholderDelta):
-                    rows.append(dict(layer=_layer_index(name), matrix=kind if block == "all" else block,
+                    rows.append(dict(layer=layer_of(name), matrix=kind if block == "all" else block,
                                      **rank_summary(delta.d.detach())))
         return rows
 

@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, NotMergeableError, ParamPack, PeftModule,
-                   adapt_linears, attach_batched, insert_after, pack_parameters, register_method, replace_module)
+                   adapt_linears, attach_batched, block_names, insert_after, pack_parameters, register_method,
+                   replace_module)
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -170,7 +171,7 @@ class ResidualDropout(nn.Dropout):
 @register_method("rlrr")
 class RLRR(Method):
     def __init__(self, targets=TARGETS, ssf: bool = True, drop: Optional[float] = 0.1,
-                 blocks: str = "blocks.*", decay_groups: str = "official"):
+                 blocks: Optional[str] = None, decay_groups: str = "official"):
         if decay_groups not in ("official", "timm"):
             raise ValueError(f"method.decay_groups={decay_groups!r}; choose official or timm")
         self.decay_groups = decay_groups
@@ -182,7 +183,7 @@ class RLRR(Method):
     def inject(self, model: nn.Module) -> None:
         adapt_linears(model, self.targets, lambda site: RLRRDelta(site.out_features, site.in_features),
                       blocks=self.blocks, weight_space=True)
-        blocks = self._block_names(model)
+        blocks = block_names(model, self.blocks)
         if self.ssf:
             for b in blocks:
                 for ln in ("norm1", "norm2"):
@@ -241,9 +242,3 @@ class RLRR(Method):
             if p.requires_grad and not decays:
                 skip.add(name)
         return skip
-
-    def _block_names(self, model: nn.Module):
-        import fnmatch
-
-        depth = self.blocks.count(".")
-        return [n for n, _ in model.named_modules() if fnmatch.fnmatch(n, self.blocks) and n.count(".") == depth]
