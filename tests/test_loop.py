@@ -61,6 +61,16 @@ def test_learns_on_digits_and_writes_complete_record(quick_run):
 
 
 @pytest.mark.slow
+def test_non_finite_loss_stops_the_run_with_the_fix(tmp_path):
+    """The loss is read back every 10 steps, not every step: a diverging run still stops, naming
+    the fix, and writes no record."""
+    cmd = [sys.executable, "train.py", *FAST, f"hydra.run.dir={tmp_path}", "method=full", "optim.lr=1e6",
+           "optim.warmup_epochs=0", "trainer.epochs=2"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode != 0 and "FloatingPointError" in r.stderr and "lower optim.lr" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_tune_protocol_reports_val(tmp_path):
     train(tmp_path, "method=linear", "protocol=tune", "trainer.epochs=2", "trainer.save_weights=false")
     rec = record(tmp_path)

@@ -256,15 +256,18 @@ def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> 
                 gstep = epoch * steps_per_epoch + step + 1
                 scheduler.step_update(gstep)
                 images_seen += global_n
-                loss_value = loss.item() / d.world_size
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                refresh=False)  # shown with the next (rate-limited) update
-                if gstep % 10 == 0:
-                    logger.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
-                                "epoch": epoch}, step=gstep)
+                # the loss is read back (a device sync) every 10 steps, at an epoch's end and before a
+                # checkpoint, not every step: a non-finite loss stops the run within 10 steps
+                if gstep % 10 == 0 or step + 1 == steps_per_epoch or stop.signum is not None:
+                    loss_value = loss.item() / d.world_size
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
+                    lr_now = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}",
+                                    refresh=False)  # shown with the next (rate-limited) update
+                    if gstep % 10 == 0:
+                        logger.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch}, step=gstep)
                 if stop.signum is not None:
                     train_time += time.time() - t0
                     save_checkpoint(epoch, step + 1)
