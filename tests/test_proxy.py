@@ -85,6 +85,37 @@ def test_shipped_weights_load_through_model_checkpoint():
     assert model.head.out_features == 8
 
 
+def test_make_table_renders_proxy_groups(tmp_path):
+    """scripts/make_table.py knows the proxy benchmark's tasks and groups from proxy.TASKS: one
+    column per task in group order, the group means, the mean, and the trainable parameters."""
+    import importlib.util
+
+    import pandas as pd
+
+    acc = {"linear": dict(zip(proxy.TASKS, (10, 20, 60, 40, 30, 14, 16, 20))),
+           "lora": dict(zip(proxy.TASKS, (30, 50, 70, 60, 50, 34, 36, 40)))}
+    params = {"linear": 0, "lora": 18_432}
+    for m, per_task in acc.items():
+        for task, a in per_task.items():
+            head = 97 * proxy.TASKS[task].num_classes
+            rec = {"method": m, "dataset": "proxy", "task": task, "protocol": "final", "seed": 0, "test_acc": a,
+                   "trainable_params": params[m] + head, "trainable_params_no_head": params[m],
+                   "config": {"method": {"name": m}, "model": {"name": "vit_tiny_patch16_224"}}}
+            f = tmp_path / "runs" / m / task / "results.json"
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps(rec))
+    spec = importlib.util.spec_from_file_location("_make_table", REPO / "scripts" / "make_table.py")
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    assert make_table.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--format", "csv,md"]) == 0
+    t = pd.read_csv(tmp_path / "out" / "proxy.csv").set_index("method")
+    assert [c for c in t.columns if c in proxy.TASKS] == list(proxy.TASKS)  # grouped: natural, specialized, structured
+    assert t.loc["linear", ["natural", "specialized", "structured", "mean"]].tolist() == [15, 50, 20, 26.25]
+    assert t.loc["lora", ["natural", "specialized", "structured", "mean"]].tolist() == [40, 65, 40, 46.25]
+    assert t.loc["lora", "params_m_no_head"] == pytest.approx(0.018432) and t.loc["linear", "params_m_no_head"] == 0
+    assert "Proxy benchmark" in (tmp_path / "out" / "proxy.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def quick_subset(tmp_path_factory):
     """Every method on two structured tasks with the benchmark's recipe and tuned learning rates

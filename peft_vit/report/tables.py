@@ -42,6 +42,7 @@ class Benchmark:
     groups: Dict[str, List[str]]        # ordered; empty when the benchmark has none
     mean_title: str
     mean_classes: Optional[float] = None  # for the mean head size
+    backbone: str = "ViT-B/16"          # named in the table's title
 
     @property
     def head_m(self) -> Optional[float]:
@@ -49,10 +50,11 @@ class Benchmark:
 
 
 def _registry(dataset: str) -> Dict[str, Any]:
-    """The task registry a benchmark follows: ``peft_vit.data.vtab.TASKS`` or ``.fgvc.DATASETS``."""
-    from ..data import fgvc, vtab
+    """The task registry a benchmark follows: ``peft_vit.data.vtab.TASKS``, ``.fgvc.DATASETS`` or
+    ``.proxy.TASKS`` (the proxy benchmark's generated tasks and their groups)."""
+    from ..data import fgvc, proxy, vtab
 
-    return {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS}.get(dataset, {})
+    return {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS, "proxy": proxy.TASKS}.get(dataset, {})
 
 
 def vtab_tasks() -> Dict[str, str]:
@@ -70,6 +72,8 @@ def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
         if getattr(spec, "group", None):
             groups.setdefault(spec.group, []).append(t)
     classes = sum(spec.num_classes for spec in reg.values()) / len(reg)
+    if dataset == "proxy":
+        return Benchmark(dataset, "Proxy benchmark", list(reg), groups, "mean", classes, "proxy ViT (32 px, width 96)")
     title, mean_title = ("VTAB-1k", f"mean{len(reg)}") if dataset == "vtab" else ("FGVC", "mean")
     return Benchmark(dataset, title, list(reg), groups, mean_title, classes)
 
@@ -323,7 +327,7 @@ def _row_texts(t: Table, row: Row, fmt: str) -> Tuple[List[str], List[str], List
 
 
 def _title(t: Table) -> str:
-    return f"{t.benchmark.title} — ViT-B/16, top-1 accuracy (%)"
+    return f"{t.benchmark.title} — {t.benchmark.backbone}, top-1 accuracy (%)"
 
 
 def _pipe_rule(widths: List[int], aligns) -> str:
