@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,8 @@ def test_killed_or_failed_build_leaves_no_cache_and_is_cleaned_up(tmp_path, task
     bad.write_bytes(good[:40])
     with pytest.raises(BadImageError, match=r"000003.jpg \(listed at .*test.txt:4\)"):
         decode_cached(listing, ResizeSquare(8), cache, "t")
-    assert list(cache.iterdir()) == []  # neither a cache nor a temporary file
+    # neither a cache nor a temporary file (the empty lock file stays: removing one is a race)
+    assert [p.name for p in cache.iterdir()] == [folder.cache_path(listing, ResizeSquare(8), cache, "t").name + ".lock"]
     # a file that is not a complete cache (a foreign or damaged one under the right name) is rebuilt
     bad.write_bytes(good)
     path = folder.cache_path(listing, ResizeSquare(8), cache, "t")
@@ -141,3 +143,32 @@ def test_cache_dir_default_and_override(tmp_path):
         assert compose("dataset=vtab/dtd").dataset.cache_dir == "~/.cache/peft_vit"
     finally:
         os.environ["PEFT_VIT_CACHE"] = old
+
+
+def test_concurrent_processes_decode_a_missing_entry_once(tmp_path, task, monkeypatch):
+    """The ranks of a DDP run (or sweep jobs on one node) that start together: one decodes, the
+    others wait on the entry's lock and read its file."""
+    import multiprocessing as mp
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    real = folder.decode_all
+
+    def counted(*a, **k):
+        (calls / str(os.getpid())).touch()
+        time.sleep(1)  # long enough that the other processes ask while this one decodes
+        return real(*a, **k)
+
+    monkeypatch.setattr(folder, "decode_all", counted)
+    ctx = mp.get_context("fork")  # the children inherit the counting decode_all
+    listing = read_list(task / "test.txt", 47)
+    procs = [ctx.Process(target=decode_cached, args=(listing, ResizeSquare(8), tmp_path / "cache", "t", False, 1))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(list(calls.iterdir())) == 1
+    assert torch.equal(decode_cached(listing, ResizeSquare(8), tmp_path / "cache", "t"),
+                       folder.decode_cached(listing, ResizeSquare(8), None))

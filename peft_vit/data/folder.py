@@ -13,6 +13,7 @@ Every error names the file and, for a listed image, the list file and line that 
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import multiprocessing as mp
@@ -267,22 +268,32 @@ def decode_cached(listing: Listing, transform: Callable, cache_dir: Optional[str
     ``cache_dir/<name>-<hash>.npy`` (:func:`cache_key`) and read from there by every later run
     with the same list, files and transform; ``mmap``: memory-map the file instead of reading it
     into RAM (large test sets). The file is written under a temporary name and renamed when
-    complete, so a killed run never leaves a partial cache that a later run would read."""
+    complete, so a killed run never leaves a partial cache that a later run would read. Processes
+    that need the same missing entry at once (the ranks of a DDP run, sweep jobs on one node) take
+    turns on ``<entry>.lock``: one decodes, the others wait and read its file."""
     if not cache_dir:
         return torch.from_numpy(decode_all(listing, transform, workers))
     path = cache_path(listing, transform, cache_dir, name)
     images = _read_cache(path, len(listing), mmap)
     if images is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_writes(path)
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        try:
-            arr = decode_all(listing, transform, workers,
-                             out=lambda shape: np.lib.format.open_memmap(tmp, "w+", np.uint8, shape))
-            arr.flush()
-            del arr
-            os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
-        finally:
-            tmp.unlink(missing_ok=True)
-        images = _read_cache(path, len(listing), mmap)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when its holder dies
+            images = _read_cache(path, len(listing), mmap)  # built while this process waited?
+            if images is None:
+                _build_cache(listing, transform, workers, path)
+                images = _read_cache(path, len(listing), mmap)
     return torch.from_numpy(images)
+
+
+def _build_cache(listing: Listing, transform: Callable, workers: Optional[int], path: Path) -> None:
+    _remove_dead_writes(path)
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        arr = decode_all(listing, transform, workers,
+                         out=lambda shape: np.lib.format.open_memmap(tmp, "w+", np.uint8, shape))
+        arr.flush()
+        del arr
+        os.replace(tmp, path)  # atomic: a reader without the lock never sees a half-written cache
+    finally:
+        tmp.unlink(missing_ok=True)
