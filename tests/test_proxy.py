@@ -2,7 +2,6 @@
 weights through model.checkpoint, and a quick subset on which every PEFT method must beat the
 linear probe on the structured tasks (as on VTAB-1k), and full fine-tuning must too."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,7 @@ import torch
 
 from conftest import REPO, compose
 
-sys.path.insert(0, str(REPO / "scripts"))
-import proxy_benchmark  # noqa: E402
+import proxy_benchmark  # scripts/: pytest's pythonpath (pyproject.toml)
 
 from peft_vit.data import proxy  # noqa: E402
 
