@@ -22,14 +22,14 @@ def _fresh_timm():
 
 
 def test_registry_has_the_methods_this_file_covers():
-    assert {"linear", "full"} <= set(METHODS) and NOT_MERGEABLE == {"adapter"}
+    assert {"linear", "full"} <= set(METHODS) and {"adapter", "adaptformer", "vpt_deep"} <= NOT_MERGEABLE
     assert MERGEABLE, "no mergeable method registered"
 
 
 # every mergeable method at its defaults, plus the target variants that change which blocks of
 # the fused qkv (or which other matrices) are adapted
 VARIANTS = [(m, {}) for m in MERGEABLE] + [("lora", {"targets": ["q", "v"]}), ("householder", {"targets": "qv"}),
-                                           ("householder", {"targets": "qkvo_mlp"})]
+                                           ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]})]
 
 
 @pytest.mark.parametrize("method,kwargs", VARIANTS, ids=lambda v: v if isinstance(v, str) else
@@ -69,9 +69,10 @@ def test_baselines_merge_to_themselves(method, tiny_input):
         assert torch.equal(model(tiny_input), ref)
 
 
-@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "adaptformer"])
-def test_adapter_is_not_mergeable(placement, tiny_input):
-    model = train_steps(build("adapter", placement=placement), tiny_input, steps=1)
+@pytest.mark.parametrize("method,kwargs", [("adapter", {}), ("adapter", {"placement": "houlsby"}), ("adaptformer", {})],
+                         ids=["pfeiffer", "houlsby", "adaptformer"])
+def test_adapter_is_not_mergeable(method, kwargs, tiny_input):
+    model = train_steps(build(method, **kwargs), tiny_input, steps=1)
     with torch.no_grad():
         before = model(tiny_input)
     with pytest.raises(NotMergeableError, match="not mergeable"):

@@ -35,10 +35,15 @@ ROWS = {
     "rlrr": Row(288_768, False, digits=dict(model=TINY_JAX, epochs=4, lr=1e-2)),  # the official init
     # dropout 0.5 on the whole update matrix (one mask per step) slows it: 8 epochs at 5e-3 reach 0.29
     "kadaptation": Row(50_176, True, digits=dict(model=TINY_MODEL, epochs=12, lr=1e-2)),
+    "adaptformer": Row(1_189_632, True),  # bottleneck 64; zero up-projection
+    "dora": Row(322_560, True),  # LoRA's 294,912 + 12 · 2,304 magnitudes
+    "vpt_deep": Row(92_160, False, digits=dict(model=TINY_JAX, epochs=5, lr=1e-2)),  # official uniform init
+    "ssf": Row(205_824, False),  # the official init: gamma ~ N(1, 0.02), beta ~ N(0, 0.02)
+    "bitfit": Row(102_912, True),
 }
 # variants whose trainable set differs from the default's (other blocks, other modules)
 VARIANTS = [(m, {}) for m in ROWS] + [("lora", dict(targets=["q", "v"])), ("adapter", dict(placement="houlsby")),
-                                      ("adapter", dict(placement="adaptformer"))]
+                                      ("dora", dict(targets=["q", "v"])), ("vpt_deep", dict(deep=False))]
 
 
 def _id(v):
@@ -65,7 +70,8 @@ def test_vit_b16_count(method):
     c = peft_vit.count_parameters(build(method, VIT_B16))
     assert c["trainable_params_no_head"] == ROWS[method].count
     assert c["trainable_params"] == ROWS[method].count + HEAD
-    assert c["total_params"] == FULL + HEAD + (0 if method == "full" else ROWS[method].count)
+    # full and bitfit train the backbone's own tensors: they add none
+    assert c["total_params"] == FULL + HEAD + (0 if method in ("full", "bitfit") else ROWS[method].count)
 
 
 @pytest.mark.parametrize("method", ROWS)
