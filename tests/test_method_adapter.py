@@ -1,4 +1,5 @@
-"""Adapter (docs/REFERENCE.md §1.3): placement, initialisation, counts of the other placements. The contract
+"""Adapter (docs/REFERENCE.md §1.3): placement, initialisation, counts of the other placements (AdaptFormer's
+parallel adapter: test_method_adaptformer.py). The contract
 (pfeiffer's count, training, digits) is in test_method_contract.py, the merge refusal in test_merge.py."""
 import pytest
 import torch
@@ -6,17 +7,15 @@ import torch.nn.functional as F
 from timm.layers.activations import QuickGELU
 
 import peft_vit
-from conftest import TINY_JAX, VIT_B16, build, digits_accuracy, train_steps
+from conftest import VIT_B16, build
 from peft_vit.methods import InsertedAfter
 from peft_vit.methods.adapter import Adapter
-from peft_vit.methods.base import InputTap, InsertedParallel
 
 # --------------------------------------------------------------------------- counts
 
 @pytest.mark.parametrize("placement,kw,expected", [  # pfeiffer's 156,768: test_method_contract.py
     ("houlsby", {}, 313_536),               # two adapters per block
-    ("adaptformer", {}, 156_768),           # same shapes, parallel
-    ("adaptformer", {"bottleneck": 64}, 1_189_632),  # AdaptFormer paper's width: 12 · (2·768·64 + 64 + 768)
+    ("pfeiffer", {"bottleneck": 64}, 1_189_632),  # 12 · (2·768·64 + 64 + 768)
 ])
 def test_vit_b16_counts(placement, kw, expected):
     model = build("adapter", VIT_B16, placement=placement, **kw)
@@ -35,22 +34,21 @@ def test_trainable_set_is_adapters_and_head():
 def test_bad_placement():
     with pytest.raises(ValueError, match="placement"):
         build("adapter", placement="middle")
+    with pytest.raises(ValueError, match="placement"):  # its own method now: adaptformer.py
+        build("adapter", placement="adaptformer")
 
 
 # --------------------------------------------------------------------------- placement and math
 
-def _manual_block(block, x, adapter=None, attn_adapter=None, parallel=None):
+def _manual_block(block, x, adapter=None, attn_adapter=None):
     """timm's Block forward with the adapters placed by hand (eval mode, no layer scale)."""
-    norm2 = block.norm2.original if isinstance(block.norm2, InputTap) else block.norm2
     h = block.attn(block.norm1(x))
     if attn_adapter is not None:
         h = attn_adapter(h)
     x = x + h
-    z = block.mlp(norm2(x))
+    z = block.mlp(block.norm2(x))
     if adapter is not None:
         z = adapter(z)
-    if parallel is not None:
-        z = z + parallel(x)
     return x + z
 
 
@@ -83,23 +81,6 @@ def test_houlsby_has_two_adapters_per_block():
         assert torch.allclose(blk(x), expect, atol=1e-6)
 
 
-def test_adaptformer_is_parallel_on_pre_ln_stream(tiny_input):
-    model = build("adapter", placement="adaptformer").eval()
-    for blk in model.blocks:
-        assert isinstance(blk.norm2, InputTap)
-        assert isinstance(blk.drop_path2, InsertedParallel)
-        a = blk.drop_path2.inserted
-        assert isinstance(a.act, torch.nn.ReLU) and a.scale == 0.1 and not a.residual
-    train_steps(model, tiny_input, steps=2)  # make the zero-init up-projection non-zero
-    blk = model.blocks[0]
-    a = blk.drop_path2.inserted
-    assert a.up.weight.abs().sum() > 0
-    x = torch.randn(2, 65, 64)
-    branch = lambda s: 0.1 * F.linear(F.relu(F.linear(s, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)  # noqa
-    with torch.no_grad():
-        assert torch.allclose(blk(x), _manual_block(blk, x, parallel=branch), atol=1e-6)
-
-
 # --------------------------------------------------------------------------- initialisation
 
 def test_pfeiffer_init_xavier_tiny_biases_not_identity(tiny_input):
@@ -114,22 +95,3 @@ def test_pfeiffer_init_xavier_tiny_biases_not_identity(tiny_input):
     with torch.no_grad():
         # xavier weights: A(z) = z + W_up·act(W_down z) is not the identity at start
         assert not torch.allclose(model(tiny_input), plain(tiny_input), atol=1e-4)
-
-
-def test_adaptformer_is_identity_at_start(tiny_input):
-    model = build("adapter", placement="adaptformer").eval()
-    plain = build("linear").eval()
-    for m in model.modules():
-        if isinstance(m, Adapter):
-            assert m.up.weight.abs().sum() == 0 and m.up.bias.abs().sum() == 0
-            assert m.down.weight.abs().sum() > 0
-    with torch.no_grad():
-        assert torch.equal(model(tiny_input), plain(tiny_input))
-
-
-# --------------------------------------------------------------------------- learns on digits
-
-def test_adaptformer_learns_digits():  # pfeiffer: test_method_contract.py
-    # 10 classes: chance is 10%; a linear probe of this random backbone reaches ~25% here
-    acc = digits_accuracy(build("adapter", TINY_JAX, placement="adaptformer"), epochs=5, lr=1e-2)
-    assert acc > 0.30, acc

@@ -8,20 +8,15 @@ and before its residual add::
 bottleneck 8, QuickGELU, dropout 0.1, xavier-uniform weights and N(0, 1e-6) biases (so it is
 *not* the identity at start). 12 · (768·8 + 8 + 8·768 + 768) = 156,768 parameters on ViT-B/16.
 
-Other placements:
+Other placement: ``houlsby``, the same adapter after the attention branch too (two per block,
+313,536). AdaptFormer's parallel adapter is its own method, ``adaptformer`` (adaptformer.py),
+built from the same :class:`Adapter` module (``residual=False``).
 
-* ``houlsby``: the same adapter after the attention branch too (two per block, 313,536).
-* ``adaptformer``: parallel to the MLP, reading the block's pre-LN stream::
-
-      x = x + DropPath(MLP(LN2(x))) + s · W_up · Dropout(ReLU(W_down x + b_d)) + b_u
-
-  with s = 0.1, W_down kaiming-uniform (a=√5), W_up and biases zero: the identity at start.
-
-Initialisation (``init``): ``paper`` (default) is the placement's own, above (``xavier``:
-xavier-uniform weights, N(0, 1e-6) biases; ``lora``: down kaiming-uniform, up and biases zero;
-either can be named directly). ``noah`` is what NOAH's code actually runs: its model calls
-``init_weights`` after building the blocks, which re-initialises every Linear, the adapters'
-included, to trunc-normal(std 0.02) weights and zero biases. The ``vtab_noah`` preset uses it.
+Initialisation (``init``): ``paper`` (default) is xavier-uniform weights and N(0, 1e-6) biases
+(``xavier``; ``lora``: down kaiming-uniform, up and biases zero, AdaptFormer's; either can be
+named directly). ``noah`` is what NOAH's code actually runs: its model calls ``init_weights``
+after building the blocks, which re-initialises every Linear, the adapters' included, to
+trunc-normal(std 0.02) weights and zero biases. The ``vtab_noah`` preset uses it.
 
 Adapters have a non-linearity between their projections: not mergeable.
 """
@@ -34,9 +29,9 @@ import torch
 import torch.nn as nn
 from timm.layers import get_act_layer
 
-from .base import Method, PeftModule, block_names, insert_after, insert_parallel, register_method
+from .base import Method, PeftModule, block_names, insert_after, register_method
 
-PLACEMENTS = ("pfeiffer", "houlsby", "adaptformer")
+PLACEMENTS = ("pfeiffer", "houlsby")
 
 
 ACTIVATIONS = {"quick_gelu": get_act_layer("quick_gelu"), "relu": nn.ReLU, "gelu": nn.GELU}  # x·σ(1.702x)
@@ -87,25 +82,17 @@ class Adapter(PeftModule):
 class AdapterMethod(Method):
     mergeable = False
 
-    # placement -> (act, scale, init)
-    DEFAULTS = {
-        "pfeiffer": ("quick_gelu", 1.0, "xavier"),
-        "houlsby": ("quick_gelu", 1.0, "xavier"),
-        "adaptformer": ("relu", 0.1, "lora"),
-    }
-
     def __init__(self, bottleneck: int = 8, dropout: float = 0.1, placement: str = "pfeiffer",
-                 act: Optional[str] = None, scale: Optional[float] = None, init: Optional[str] = "paper",
+                 act: str = "quick_gelu", scale: float = 1.0, init: str = "paper",
                  blocks: Optional[str] = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"adapter placement={placement!r}; choose one of {', '.join(PLACEMENTS)}")
-        d_act, d_scale, d_init = self.DEFAULTS[placement]
         self.bottleneck = int(bottleneck)
         self.dropout = float(dropout)
         self.placement = placement
-        self.act = act or d_act
-        self.scale = d_scale if scale is None else float(scale)
-        self.init = d_init if init in (None, "paper") else init
+        self.act = act
+        self.scale = float(scale)
+        self.init = "xavier" if init == "paper" else init
         self.blocks = blocks
 
     def _adapter(self, dim: int, residual: bool) -> Adapter:
@@ -114,11 +101,6 @@ class AdapterMethod(Method):
     def inject(self, model: nn.Module) -> None:
         for b in block_names(model, self.blocks):
             dim = model.get_submodule(f"{b}.norm2").normalized_shape[-1]
-            if self.placement == "adaptformer":
-                # parallel to the MLP branch; input: the block's stream before LN2
-                insert_parallel(model, f"{b}.drop_path2", self._adapter(dim, residual=False),
-                                input_of=f"{b}.norm2")
-                continue
             if self.placement == "houlsby":
                 insert_after(model, f"{b}.drop_path1", self._adapter(dim, residual=True))
             insert_after(model, f"{b}.drop_path2", self._adapter(dim, residual=True))
