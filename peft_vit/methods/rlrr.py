@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, NotMergeableError, ParamPack, PeftModule,
-                   adapt_linears, attach_batched, block_names, insert_after, pack_parameters, register_method,
-                   replace_module)
+from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, ParamPack, adapt_linears,
+                   attach_batched, block_names, insert_after, pack_parameters, register_method, replace_module)
+from .ssf import SSF  # the SSF affine, shared with the ssf method
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -61,56 +61,6 @@ class RLRRDelta(Delta):
 
     def delta_bias(self, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return self.f
-
-
-class SSF(PeftModule):
-    """``x·γ + β`` over the last (channel) dimension; folds into the affine module it follows.
-    ``decays``: whether the official code's groups decay it (not after a norm, see above)."""
-
-    def __init__(self, dim: int, std: float = 0.02, decays: bool = False):
-        super().__init__()
-        self.decays = decays
-        self.gamma = nn.Parameter(torch.empty(dim).normal_(1.0, std))
-        self.beta = nn.Parameter(torch.empty(dim).normal_(0.0, std))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma + self.beta
-
-    def forward_after(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``SSF(original(x))``; after an affine LayerNorm, one LayerNorm with the folded affine
-        (γ·w, γ·b + β): the same values without storing the LayerNorm's output for backward."""
-        batched = self.__dict__.get("_batched")
-        if batched is not None and batched[0]._cache is not None:
-            gamma, beta = batched[0]._cache[batched[1]]
-        else:
-            gamma, beta = self.gamma, self.beta
-        if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
-            return F.layer_norm(x, original.normalized_shape, original.weight * gamma,
-                                torch.addcmul(beta, original.bias, gamma), original.eps)
-        return original(x) * gamma + beta
-
-    @torch.no_grad()
-    def fold_into(self, original: nn.Module) -> nn.Module:
-        """Fold into ``original`` (in place) so that ``original'(x) = SSF(original(x))``."""
-        g, b = self.gamma, self.beta
-        if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
-            target = original
-        elif isinstance(original, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and original.bias is not None:
-            target = original
-        elif hasattr(original, "proj") and hasattr(original, "norm"):  # timm PatchEmbed, channel-last out
-            fmt = getattr(getattr(original, "output_fmt", None), "value", None)
-            if not (getattr(original, "flatten", False) or fmt == "NHWC"):
-                raise NotMergeableError("SSF after a channel-first patch embedding cannot be folded")
-            inner = original.norm if not isinstance(original.norm, nn.Identity) else original.proj
-            self.fold_into(inner)
-            return original
-        else:
-            raise NotMergeableError(f"SSF cannot be folded into a {type(original).__name__}")
-        w = target.weight
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        w.mul_(g.to(w.dtype).view(shape))
-        target.bias.mul_(g.to(w.dtype)).add_(b.to(w.dtype))
-        return original
 
 
 class RLRRBatched(BatchedDeltas):
@@ -192,7 +142,13 @@ class RLRR(Method):
             if final is not None:
                 insert_after(model, final, SSF(getattr(model, final).normalized_shape[-1]))
             if hasattr(model, "patch_embed"):
-                insert_after(model, "patch_embed", SSF(model.patch_embed.proj.out_channels, decays=True))
+                pe, pos = model.patch_embed, getattr(model, "pos_embed", None)
+                ssf = SSF(pe.proj.out_channels, decays=True)
+                if pe.proj.bias is None and isinstance(pe.norm, nn.Identity) and isinstance(pos, nn.Parameter):
+                    # CLIP's bias-free patch projection: merging folds β into the patch positions' embedding
+                    start = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+                    ssf.__dict__["shift_into"] = (pos, start)
+                insert_after(model, "patch_embed", ssf)
         self._pack(model, blocks)
         if self.drop is not None:
             rates = torch.linspace(0, self.drop, len(blocks)).tolist() if blocks else []
