@@ -195,9 +195,9 @@ def test_lora_noah_init_packed_targets():
     assert torch.count_nonzero(delta.lora_B) == delta.lora_B.numel()
 
 
-@pytest.mark.parametrize("placement", ["pfeiffer", "adaptformer"])
-def test_adapter_noah_init(placement):
-    model = build("adapter", init="noah", placement=placement)
+@pytest.mark.parametrize("method", ["adapter", "adaptformer"])
+def test_adapter_noah_init(method):
+    model = build(method, init="noah")
     adapters = [m for m in model.modules() if type(m).__name__ == "Adapter"]
     assert len(adapters) == 2
     w = torch.cat([torch.cat([a.down.weight.flatten(), a.up.weight.flatten()]) for a in adapters])
@@ -205,9 +205,9 @@ def test_adapter_noah_init(placement):
     assert all(torch.count_nonzero(a.down.bias) == 0 and torch.count_nonzero(a.up.bias) == 0 for a in adapters)
 
 
-@pytest.mark.parametrize("placement,kind", [("pfeiffer", "xavier"), ("adaptformer", "lora")])
-def test_adapter_paper_init_is_the_placements_own(placement, kind):
-    a = next(m for m in build("adapter", init="paper", placement=placement).modules() if type(m).__name__ == "Adapter")
+@pytest.mark.parametrize("method,kind", [("adapter", "xavier"), ("adaptformer", "lora")])
+def test_adapter_paper_init_is_the_placements_own(method, kind):
+    a = next(m for m in build(method).modules() if type(m).__name__ == "Adapter")  # each method's default init
     if kind == "lora":  # zero up-projection: the parallel branch adds nothing at start
         assert torch.count_nonzero(a.up.weight) == 0 and torch.count_nonzero(a.up.bias) == 0
     else:  # xavier-uniform: bound √(6/(in+out)), tiny biases
