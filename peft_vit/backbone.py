@@ -1,5 +1,12 @@
-"""The backbone: any timm ViT, built with ``timm.create_model`` and loaded through timm's own
-weight loading (HF hub when online, or a local .safetensors / .pth / .npz file)."""
+"""The backbone: a timm ViT (ViT-B/16, DINOv2, CLIP, MAE …) or Swin, built with
+``timm.create_model`` and loaded through timm's own weight loading (HF hub when online, or a local
+.safetensors / .pth / .npz file).
+
+Family-specific needs handled here: the classifier is whatever ``get_classifier()`` returns (ViT
+``head``, Swin ``head.fc``); ``img_size`` must tile into whole patches (ViT) or whole attention
+windows at every stage (Swin), else a clear error; and a checkpoint whose pooling head differs
+from the requested one (MAE's fine-tuning head: average pooling and a fresh ``fc_norm`` instead of
+the pretrained final ``norm``) is loaded into the requested architecture by name."""
 from __future__ import annotations
 
 import os
@@ -93,7 +100,12 @@ def create_backbone(
     ``overrides`` go to ``timm.create_model`` (``patch_size``, ``depth``, ``embed_dim``,
     ``num_heads`` … for tiny test models).
     """
-    model = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
+    overrides = dict(overrides or {})
+    if overrides.get("fc_norm") and (pretrained or checkpoint):
+        model = _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
+    else:
+        model = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
+    check_img_size(model, name, img_size)
     if zero_head:
         head = model.get_classifier()
         nn.init.zeros_(head.weight)
@@ -118,3 +130,45 @@ def _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size,
                     f"{HOW_TO_PASS_A_FILE}") from e
             raise
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
+    """MAE's fine-tuning head (``global_pool: avg, fc_norm: true``): the patch tokens are averaged
+    and normalised by a new LayerNorm, and the pretrained final ``norm`` is dropped (MAE's
+    ``models_vit.py``; VPT's MAE backbone does the same). The checkpoint holds ``norm`` and no
+    ``fc_norm``, so timm's strict load would fail: load it into the checkpoint's own architecture,
+    then copy every tensor but ``norm.*`` into the requested one, which must then lack only
+    ``fc_norm.*`` (timm's init: weight 1, bias 0)."""
+    as_saved = {k: v for k, v in overrides.items() if k not in ("fc_norm", "global_pool")}
+    source = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, as_saved)
+    model = _create(name, num_classes, False, None, drop_path_rate, img_size, overrides)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("norm.", "head."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    odd = [k for k in missing if not k.startswith(("fc_norm.", "head."))] + list(unexpected)
+    if odd:
+        raise RuntimeError(f"{name}: model.overrides.fc_norm=true expects a checkpoint that differs only in its "
+                           f"final norm; these tensors do not match: {odd[:5]}")
+    return model
+
+
+def check_img_size(model: nn.Module, name: str, img_size: int) -> None:
+    """``img_size`` must be a whole number of patches (ViT) and, for Swin, give every stage a
+    whole number of attention windows: a multiple of patch · 2^(stages-1) · window (224 for
+    Swin-B/4 window 7). Otherwise timm pads the feature maps, which the pretrained weights never saw."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    layers = getattr(model, "layers", None)
+    if type(model).__name__ == "SwinTransformer" and layers is not None:
+        window = layers[0].blocks[0].window_size
+        window = window[0] if isinstance(window, (tuple, list)) else window
+        step = patch * 2 ** (len(layers) - 1) * window
+        if img_size % step:
+            raise ValueError(
+                f"model.img_size={img_size} does not fit {name}: a Swin with patch {patch}, {len(layers)} stages "
+                f"and window {window} needs a multiple of {patch}·{2 ** (len(layers) - 1)}·{window} = {step} so "
+                f"that every stage tiles into whole windows (e.g. model.img_size={max(step, img_size // step * step)})")
+    elif img_size % patch:
+        raise ValueError(f"model.img_size={img_size} is not a multiple of the patch size {patch} of {name} "
+                         f"(e.g. model.img_size={max(patch, img_size // patch * patch)})")

@@ -20,6 +20,8 @@ from PIL import Image
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # NOAH, FacT, ARC
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # RLRR; Google's ViT preprocessing
+    # OpenAI CLIP's preprocessing (configs/model/clip_vitb16.yaml)
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
