@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import peft_vit
-from conftest import CONFIGS, build
-from peft_vit.backbone import create_backbone
+from conftest import CONFIGS, build, compose
+from peft_vit.backbone import PretrainedWeightsUnavailable, create_backbone
+from peft_vit.data.transforms import normalization
 from peft_vit.methods import METHODS, AdaptedLinear, InsertedAfter, PeftModule
 from peft_vit.methods.base import InputTap, InsertedParallel, UnsupportedBackboneError, backbone_family
 
@@ -139,6 +140,25 @@ def test_real_backbone_counts(config):
                     "total_params": backbone + head}
     assert low == {"trainable_params": lora + head, "trainable_params_no_head": lora,
                    "total_params": backbone + head + lora}
+
+
+@pytest.mark.parametrize("config", REAL)
+def test_config_normalisation_is_what_the_weights_expect(config):
+    """The config's `normalize` (dataset.normalize's default) is timm's pretrained mean/std."""
+    cfg = OmegaConf.load(CONFIGS / "model" / f"{config}.yaml")
+    pretrained = timm.models.get_pretrained_cfg(cfg.name)
+    assert pretrained is not None and pretrained.hf_hub_id, cfg.name
+    mean, std = normalization(cfg.normalize)
+    assert mean == pytest.approx(pretrained.mean) and std == pytest.approx(pretrained.std)
+    assert compose(f"model={config}", "dataset=vtab/cifar").dataset.normalize == cfg.normalize
+
+
+@pytest.mark.parametrize("config", REAL)
+def test_offline_without_weights_fails_fast_naming_the_fix(config):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{config}.yaml"))
+    with pytest.raises(PretrainedWeightsUnavailable, match="model.checkpoint="):
+        create_backbone(name=cfg["name"], num_classes=10, pretrained=True, img_size=cfg["img_size"],
+                        overrides=cfg.get("overrides") or {})
 
 
 @pytest.mark.parametrize("family,size,match", [("swin", 28, "multiple of 2·2·2 = 8"),
