@@ -113,6 +113,13 @@ def test_method_on_family(method, family):
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ref, atol=1e-4, rtol=1e-4)
+    # the method's update is in the merged backbone weights (build() seeds 0 before the backbone)
+    torch.manual_seed(0)
+    before = create_backbone(**tiny_model(family)).state_dict()
+    head = next(n for n, m in model.named_modules() if m is model.get_classifier()) + "."
+    changed = [k for k, v in model.state_dict().items()
+               if not k.startswith(head) and k in before and not torch.equal(v, before[k])]
+    assert changed, f"{method} on {family}: merging left every backbone tensor as it was"
 
 
 # the real backbones without head (configs/model/*.yaml at their own img_size), and LoRA's
