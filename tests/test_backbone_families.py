@@ -71,6 +71,12 @@ def test_every_family_is_what_its_config_says():
     assert swin.get_classifier() is swin.head.fc and len(peft_vit.methods.base.block_names(swin)) == 4
 
 
+@pytest.mark.parametrize("family", TINY)
+def test_zero_head_zeroes_the_classifier_of_every_family(family):
+    head = create_backbone(**tiny_model(family), zero_head=True).get_classifier()  # Swin: head.fc
+    assert head.out_features == 10 and not head.weight.any() and not head.bias.any()
+
+
 @pytest.mark.parametrize("method,family", CASES, ids=[f"{f}-{m}" for m, f in CASES])
 def test_method_on_family(method, family):
     """Injects and trains one step (finite loss; the head and every method parameter get a
