@@ -96,7 +96,8 @@ def test_equals_huggingface_peft_dora(weight_space):
     x = torch.randn(5, 16)
     out, want = ours(x), ref(x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    theirs = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight]
+    theirs = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
     for g1, g2 in zip(torch.autograd.grad(out.square().sum(), [d.lora_A, d.lora_B, d.magnitude]),
                       torch.autograd.grad(want.square().sum(), theirs)):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)

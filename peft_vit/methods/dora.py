@@ -4,10 +4,11 @@ a direction; LoRA updates the direction, the magnitude trains on its own::
 
     W' = m ⊙ V / ‖V‖,   V = W + s · B A,   s = alpha / rank
 
-‖V‖ is the L2 norm of each row of the (out, in) weight, i.e. of each output unit (the paper's
-"column-wise" norm of its (in, out) matrix; the official code and ``huggingface/peft`` both take
-``norm(dim=1)`` of the (out, in) weight). m (one value per output unit) starts at ‖W‖, B at zero
-and A kaiming-uniform (a=√5), so W' = W at start, exactly.
+‖V‖ is the L2 norm of each row of the (out, in) weight, i.e. one norm per output unit. The paper
+calls it the "column-wise" norm of its d×k matrices, which leaves the orientation to the reader;
+the official code and ``huggingface/peft`` both take ``norm(dim=1)`` of the (out, in) weight, and
+so does this file. m (one value per output unit) starts at ‖W‖, B at zero and A kaiming-uniform
+(a=√5), so W' = W at start, exactly.
 
 The norm is a constant in backward (``detach_norm``, default true): the paper's memory-saving
 trick (its section 4.3), which the official code runs by default (``dora_simple=True`` in
