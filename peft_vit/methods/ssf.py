@@ -27,7 +27,9 @@ Merging: each affine folds exactly into the module it follows: a Linear's or con
 bias-free patch convolution (CLIP) takes γ in its weight and β in the patch positions of the
 position embedding, which every patch token adds right after it (so the merged model keeps the
 backbone's parameter names); any other bias-free module gets the shift as a new bias. During training an affine after a LayerNorm runs as one LayerNorm
-with the folded affine (no second activation stored).
+with the folded affine (no second activation stored). All γ and β live in one flat tensor
+(``ssf_pack.ssf``, split once per forward; each affine reads its own under ``gamma``/``beta``), so
+the optimiser steps one tensor, not two per site.
 
 :class:`SSF` is also RLRR's affine (rlrr.py): one implementation.
 """
@@ -39,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
+from .base import (BatchedDeltas, Method, NotMergeableError, PeftModule, attach_batched, block_names, insert_after,
+                   pack_parameters, register_method)
 
 SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
@@ -105,6 +108,20 @@ class SSF(PeftModule):
         return original
 
 
+class SSFPacked(BatchedDeltas):
+    """Every affine's γ and β in one flat tensor (a :class:`ParamPack`), split once per forward
+    into the views each affine reads: the optimiser steps one tensor instead of two per site."""
+
+    def __init__(self, pack, affines: Sequence[SSF]):
+        super().__init__(affines)
+        self.__dict__["pack"] = pack
+        self.count = len(affines)
+
+    def compute(self):
+        views = self.pack.unpack()
+        return [(views[(u, "gamma")], views[(u, "beta")]) for u in range(self.count)]
+
+
 def _width(module: nn.Module) -> int:
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
@@ -125,12 +142,13 @@ class SSFMethod(Method):
     def inject(self, model: nn.Module) -> None:
         blocks = block_names(model, self.blocks)
         names = dict(model.named_modules())
+        affines = []
         for b in blocks:
             for s in self.sites:
                 if f"{b}.{s}" not in names:
                     raise ValueError(f"method ssf: {type(model).__name__} block {b} has no module {s!r}; "
                                      f"set method.sites to the block's module names")
-                insert_after(model, f"{b}.{s}", SSF(_width(names[f"{b}.{s}"]), self.std))
+                affines.append(insert_after(model, f"{b}.{s}", SSF(_width(names[f"{b}.{s}"]), self.std)).inserted)
         proj = names.get("patch_embed.proj")
         if isinstance(proj, nn.Conv2d):
             ssf = SSF(proj.out_channels, self.std)
@@ -138,9 +156,12 @@ class SSFMethod(Method):
             if proj.bias is None and isinstance(pos, nn.Parameter):
                 prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
                 ssf.__dict__["shift_into"] = (pos, prefix)  # a plain reference: merge folds β there
-            insert_after(model, "patch_embed.proj", ssf)
+            affines.append(insert_after(model, "patch_embed.proj", ssf).inserted)
         # every other LayerNorm outside the blocks: patch-embedding and patch-merging norms, norm_pre, final norm
         inside = tuple(f"{b}." for b in blocks)
         for n, m in names.items():
             if isinstance(m, nn.LayerNorm) and not n.startswith(inside) and n != "head" and not n.startswith("head."):
-                insert_after(model, n, SSF(_width(m), self.std))
+                affines.append(insert_after(model, n, SSF(_width(m), self.std)).inserted)
+        # one trainable tensor (model.ssf_pack.ssf); each affine reads its γ, β as views of it
+        pack = pack_parameters(model, [[a] for a in affines], name="ssf_pack", label="ssf")
+        attach_batched(model, "ssf_batched", SSFPacked(pack, affines))
