@@ -1,25 +1,17 @@
 """peft_vit's sweep launchers (configs/hydra/launcher/{slurm,local}.yaml): hydra-submitit-launcher's
-SlurmLauncher and LocalLauncher, plus what they lack:
+SlurmLauncher and LocalLauncher, whose parameters, executor, numbering, job (``__call__``) and
+requeue (``checkpoint``) they keep, plus what they lack (docs/DESIGN.md, "Launchers"):
 
-* skip_done before submission: peft_vit.engine.rundir.skip_done (the loop's own decision) on the
-  job's config as upstream composes it. Same configuration: not submitted; another: refused.
-* A bounded wait. Upstream waits in submitit's job.results(), forever for a job that died without
-  a result on a cluster without accounting. Here squeue/sacct are polled every ``poll_s``; a job
-  ended or unknown with no result ``lost_after_s`` later fails (JobDiedError, with its log's
-  tail); a poll without an answer is no news; ``max_wait_h`` bounds it all. SLURM: live jobs of
-  an earlier launch are waited for, not resubmitted. Local: ``array_parallelism`` at a time.
-* Each job runs with its config as composed at submission, also when requeued hours later.
-
-The rest is upstream's: parameters, executor, numbering, the job (``__call__``), requeue
-(``checkpoint``). Its launch builds the executor inline, so it runs as is with submitit's
-AutoExecutor swapped, for that call, for a subclass that records the jobs instead of submitting.
-No __init__.py here: this joins the installed ``hydra_plugins`` namespace (the only place Hydra
-loads launchers from) when the repo root is on sys.path, as the launchers make it for the jobs.
+* skip_done before submission (``rundir.skip_done``, the loop's decision) on each job's config as
+  upstream composes it; the job then runs with that config, also when requeued hours later.
+* A bounded wait instead of ``job.results()``: the scheduler is polled every ``poll_s``; a job
+  ended or unknown with no result ``lost_after_s`` later fails (JobDiedError); a poll without an
+  answer is no news; ``max_wait_h`` bounds it all. SLURM: live jobs of an earlier launch are
+  waited for, not resubmitted. Local: ``array_parallelism`` jobs at a time.
 """
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -37,8 +29,6 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SIDECAR = "peft_vit_job.json"
 # SLURM job states (squeue %T, sacct State) of a job that is queued or running; any other has ended
 ALIVE_STATES = frozenset({
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
@@ -121,30 +111,26 @@ def judge(has_result: bool, answered: bool, state: Optional[str], gone_since: Op
     return ("lost" if now - gone_since >= lost_after_s else "alive"), gone_since
 
 
-def _run(cmd: List[str]) -> Optional[str]:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
 def slurm_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
     """State of each job (``123`` or array task ``123_4``); see parse_states. squeue asks for all of
     this user's jobs, ended ones too (``-j`` with an id the controller purged would fail)."""
+    def run(*cmd: str) -> Optional[str]:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
     mains = sorted({j.split("_")[0] for j in job_ids})
-    if not mains:
-        return {}
-    acct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(mains)])
-    queue = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-u", str(os.getuid())])
-    return parse_states(acct, queue, mains)
+    return parse_states(run("sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(mains)),
+                        run("squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-u", str(os.getuid())),
+                        mains) if mains else {}
 
 
 # ---------------------------------------------------- launchers
 @dataclasses.dataclass
 class _Slot:
     """One sweep job; params: upstream's submission of it (executor, launcher copy, arguments)."""
-
     num: int
     overrides: List[str]
     params: Any = None
@@ -160,11 +146,11 @@ class _Slot:
         return f"#{self.num} : {' '.join(filter_overrides(self.overrides))}"
 
 
+@dataclasses.dataclass
 class _Composed:
     """A job's config loader: its config as composed at submission; the rest is Hydra's loader."""
-
-    def __init__(self, loader: Any, config: Any) -> None:
-        self.loader, self.config = loader, config
+    loader: Any
+    config: Any
 
     def load_sweep_config(self, master_config: Any, sweep_overrides: List[str]) -> Any:
         return copy.deepcopy(self.config)
@@ -176,21 +162,17 @@ class _Composed:
 
 
 class _Bounded:
-    """Mixin over upstream's BaseSubmititLauncher: skip_done, then upstream's submission, then poll."""
-
+    """Mixin over upstream's launchers: skip_done, upstream's submission, then the bounded wait.
+    Subclasses define _submit (what may start now) and _states (job id -> state; None: no answer)."""
     _EXECUTOR: str
 
-    def __init__(self, **params: Any) -> None:
-        self.poll_s = float(params.pop("poll_s", 10.0))
-        self.lost_after_s = float(params.pop("lost_after_s", 120.0))
-        mw = params.pop("max_wait_h", None)
-        self.max_wait_h = None if mw is None else float(mw)
+    def __init__(self, poll_s: float = 10.0, lost_after_s: float = 120.0, max_wait_h: Optional[float] = None,
+                 **params: Any) -> None:
+        self.poll_s, self.lost_after_s = float(poll_s), float(lost_after_s)
+        self.max_wait_h = None if max_wait_h is None else float(max_wait_h)
         super().__init__(**params)  # type: ignore[call-arg]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        pp = os.environ.get("PYTHONPATH", "")  # jobs unpickle this launcher: the repo on their path
-        if str(REPO_ROOT) not in pp.split(os.pathsep):
-            os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
         slots = [_Slot(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         configs = {s.num: self._skip_done(s) for s in slots}
         skipped = sum(s.result is not None and s.result.status == JobStatus.COMPLETED for s in slots)
@@ -201,12 +183,11 @@ class _Bounded:
             self._upstream_submission(slots, configs)
         self._wait(slots)
         failed = [s for s in slots if s.result.status != JobStatus.COMPLETED]  # type: ignore[union-attr]
-        if not failed:
-            log.info(f"all {len(slots)} jobs completed")
+        if failed:
+            log.error(f"{len(slots) - len(failed)} of {len(slots)} jobs completed; {len(failed)} did not:\n" + "\n".join(
+                f"\t{s}: {(str(s.result._return_value).splitlines() or ['?'])[0][:240]}" for s in failed))
         else:
-            log.error(f"{len(slots) - len(failed)} of {len(slots)} jobs completed; {len(failed)} did not:\n" +
-                      "\n".join(f"\t{s}: {(str(s.result._return_value).splitlines() or ['?'])[0][:240]}"
-                                for s in failed))
+            log.info(f"all {len(slots)} jobs completed")
         return [s.result for s in slots]  # type: ignore[misc]
 
     def _skip_done(self, slot: _Slot) -> Any:
@@ -243,8 +224,7 @@ class _Bounded:
 
     def _upstream_submission(self, slots: List[_Slot], configs: Dict[int, Any]) -> None:
         """Upstream's launch for all ``slots``, its executor recording each job (``slot.params``)
-        instead of submitting it (_submit submits those that need it); each job gets a copy of
-        this launcher that carries its composed config."""
+        instead of submitting it; each job gets a copy of this launcher with its composed config."""
         import submitit
 
         recorded: List[Tuple[Any, Tuple[Any, ...]]] = []
@@ -270,58 +250,49 @@ class _Bounded:
             slot.params = (executor, fn, args)
 
     def _adopt(self, slots: List[_Slot]) -> None:
-        """SLURM: give slots the live jobs an earlier launch of this sweep left. Subclasses also
-        define _submit (what may start now) and _states (job id -> state; None: no answer)."""
+        """SLURM: give slots the live jobs an earlier launch of this sweep left."""
 
     def _wait(self, slots: List[_Slot]) -> None:
         deadline = None if self.max_wait_h is None else time.time() + self.max_wait_h * 3600
         while True:
             self._submit(slots)
             live = [s for s in slots if s.job is not None and s.result is None]
-            if all(s.result is not None for s in slots):
+            if not live and all(s.result is not None for s in slots):
                 return
-            states = self._states(live)
-            now = time.time()
+            states, now = self._states(live), time.time()
             for s in live:
                 st = None if states is None else states.get(str(s.job.job_id))
-                if states is not None:
-                    s.state = st or "not known to the scheduler"
+                s.state = s.state if states is None else (st or "not known to the scheduler")
                 verdict, s.gone_since = judge(s.job.paths.result_pickle.exists(), states is not None, st,
                                               s.gone_since, now, self.lost_after_s)
                 if verdict == "done":
-                    self._collect(s)
+                    try:
+                        s.result = s.job.results()[0]
+                    except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError / FailedJobError
+                        s.fail(JobDiedError(f"{self._EXECUTOR} job {s.job.job_id} (sweep job {s}) failed outside "
+                                            f"the task: {e}"))
                 elif verdict == "lost":
-                    self._died(s)
+                    s.fail(self._died(s))
             if deadline is not None and now > deadline:
                 for s in (s for s in slots if s.result is None):
                     s.fail(WaitTimeoutError(
                         f"sweep job {s} still not done after max_wait_h={self.max_wait_h} (job "
                         f"{getattr(s.job, 'job_id', None)}, {s.state}); it was left running: re-launch the same "
                         f"sweep (same hydra.sweep.dir) later to collect it (jobs with a results.json are skipped)"))
-                return
             if any(s.result is None for s in slots):
                 time.sleep(self.poll_s)
 
-    def _collect(self, slot: _Slot) -> None:
-        try:
-            slot.result = slot.job.results()[0]
-        except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError / FailedJobError, unpickling
-            slot.fail(JobDiedError(f"{self._EXECUTOR} job {slot.job.job_id} (sweep job {slot}) failed outside "
-                                   f"the task: {e}"))
-
-    def _died(self, slot: _Slot) -> None:
+    def _died(self, slot: _Slot) -> JobDiedError:
         paths = slot.job.paths
         msg = (f"{self._EXECUTOR} job {slot.job.job_id} (sweep job #{slot.num}) ended without writing a result "
                f"(scheduler state: {slot.state}; no result {self.lost_after_s:.0f} s later): killed (scancel, "
                f"out of memory, node failure) or crashed hard.\noverrides: {' '.join(filter_overrides(slot.overrides))}"
                f"\nlogs: {paths.stderr}\n      {paths.stdout}")
-        for p in (paths.stderr, paths.stdout):
-            tail = "\n".join(Path(p).read_text(errors="replace").splitlines()[-25:]) if Path(p).is_file() else ""
-            if tail:
-                msg += f"\n--- end of its log ---\n{tail}"
-                break
+        tails = ["\n".join(Path(p).read_text(errors="replace").splitlines()[-25:]) for p in (paths.stderr, paths.stdout)
+                 if Path(p).is_file()]
+        msg += "".join(f"\n--- end of its log ---\n{t}" for t in [t for t in tails if t][:1])
         log.error(msg)
-        slot.fail(JobDiedError(msg))
+        return JobDiedError(msg)
 
 
 class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
@@ -351,11 +322,6 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
                 jobs = [executor.submit(s.params[1], *s.params[2]) for s in group]
             for s, job in zip(group, jobs):
                 s.job = job
-                try:  # next to submitit's files of the job: which sweep job it runs (read by _adopt)
-                    Path(job.paths.folder).mkdir(parents=True, exist_ok=True)
-                    (Path(job.paths.folder) / SIDECAR).write_text(json.dumps({"num": s.num, "overrides": s.overrides}))
-                except OSError as e:
-                    log.warning(f"could not record job {job.job_id}: {e}")
             log.info(f"submitted job {jobs[0].job_id}" if len(jobs) == 1 else
                      f"submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
 
@@ -363,23 +329,25 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
         return slurm_states([str(s.job.job_id) for s in slots])
 
     def _adopt(self, slots: List[_Slot]) -> None:
+        """Jobs of an earlier launch of this sweep (submitit's folders ``<job id>``) still queued or
+        running take the slots of their overrides (read from submitit's pickled submission)."""
         import submitit
 
         folder = str(self.params["submitit_folder"])
         root = Path(folder.split("%j")[0])
-        earlier = {}
-        for side in root.glob(f"*/{SIDECAR}") if "%j" in folder and root.is_dir() else ():
-            try:
-                earlier[side.parent.name] = json.loads(side.read_text())
-            except (OSError, ValueError):
-                continue
-        states = (slurm_states(list(earlier)) or {}) if earlier else {}
+        earlier = [d.name for d in root.iterdir() if d.name.replace("_", "").isdigit()] \
+            if "%j" in folder and root.is_dir() else []
+        states = (slurm_states(earlier) or {}) if earlier else {}
         todo = {tuple(s.overrides): s for s in slots if s.result is None and s.job is None}
-        for job_id, rec in sorted(earlier.items()):
-            slot = todo.get(tuple(rec.get("overrides", [])))
-            if slot is not None and states.get(job_id, "").upper() in ALIVE_STATES:
-                slot.job = submitit.SlurmJob(folder=folder, job_id=job_id)
-                del todo[tuple(slot.overrides)]
+        for job_id in sorted(j for j in earlier if states.get(j, "").upper() in ALIVE_STATES):
+            job = submitit.SlurmJob(folder=folder, job_id=job_id)
+            try:
+                slot = todo.pop(tuple(job.submission().args[0]), None)
+            except Exception as e:  # noqa: BLE001 - no or unreadable submission: not ours to adopt
+                log.debug(f"slurm job {job_id}: cannot read its submission: {e}")
+                continue
+            if slot is not None:
+                slot.job = job
                 log.info(f"\t#{slot.num} : already {states[job_id]} as slurm job {job_id} (an earlier launch of "
                          f"this sweep); waiting for it instead of submitting it again")
 
@@ -387,8 +355,8 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
 class LocalLauncher(_Bounded, upstream.LocalLauncher):
     """One process per job on this machine, at most ``array_parallelism`` at once."""
 
-    def __init__(self, **params: Any) -> None:
-        self.array_parallelism = max(1, int(params.pop("array_parallelism", 1) or 1))
+    def __init__(self, array_parallelism: int = 1, **params: Any) -> None:
+        self.array_parallelism = max(1, int(array_parallelism or 1))
         super().__init__(**params)
 
     def _submit(self, slots: List[_Slot]) -> None:

@@ -6,24 +6,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 # a plain `pytest` writes nothing outside the repo and temp dirs: the decode cache (default
-# ~/.cache/peft_vit) goes to a temp dir, for this process and every run it starts
+# ~/.cache/peft_vit) goes to a temp dir, for this process and every run it starts, removed at exit
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["PEFT_VIT_CACHE"] = tempfile.mkdtemp(prefix="peft-vit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PEFT_VIT_CACHE"], True)
 # tests that start a local SLURM cluster (scripts/slurm_local.sh: root, apt packages, daemons)
 # run only when asked; .ci/run asks
 SLURM_TESTS = os.environ.get("PEFT_VIT_SLURM_TESTS") == "1"
 SLURM_HOW = ("set PEFT_VIT_SLURM_TESTS=1 to run them (as .ci/run does; needs root and apt-get, starts a "
              "private cluster with scripts/slurm_local.sh)")
-# decoded-image caches (paths.cache_dir) of tests and of the train.py runs they start: a temporary
-# folder, removed at exit, never ~/.cache
-if "PEFT_VIT_CACHE" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
-    os.environ["PEFT_VIT_CACHE"] = tempfile.mkdtemp(prefix="peft-vit-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["PEFT_VIT_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 
@@ -144,12 +138,12 @@ def digits_accuracy(model, epochs=8, lr=5e-3, batch=50):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that use the `slurm_cluster` fixture are skipped unless PEFT_VIT_SLURM_TESTS=1."""
+    """Tests marked ``slurm`` are skipped unless PEFT_VIT_SLURM_TESTS=1."""
     if SLURM_TESTS:
         return
     mark = pytest.mark.skip(reason=f"SLURM cluster test: {SLURM_HOW}")
     for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("slurm"):
             item.add_marker(mark)
 
 

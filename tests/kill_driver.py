@@ -26,8 +26,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.chdir(REPO)
+os.chdir(REPO)  # peft_vit: from the editable install (pip install -e .)
 
 import torch  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402

@@ -50,9 +50,9 @@ def import_tfds():
         pass
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - tensorflow-datasets is in requirements.txt
-        raise ImportError("preparing VTAB-1k from tfds needs tensorflow-datasets and TensorFlow "
-                          "(pip install tensorflow-cpu tensorflow-datasets)") from e
+    except ImportError as e:  # pragma: no cover - the tfds extra (requirements.txt installs it)
+        raise ImportError("preparing VTAB-1k from tfds needs tensorflow-datasets and TensorFlow: "
+                          "pip install -e .[tfds] (or pip install -r requirements.txt)") from e
     return tfds
 
 
