@@ -94,17 +94,20 @@ def create_backbone(
     overrides: Optional[Dict[str, Any]] = None,
     zero_head: bool = False,
 ) -> nn.Module:
-    """A timm ViT with a fresh ``Linear(width, num_classes)`` head (timm's init: weight
+    """A timm ViT or Swin with a fresh ``Linear(width, num_classes)`` classifier
+    (``get_classifier()``: ViT ``head``, Swin ``head.fc``; timm's init: weight
     trunc-normal(0.02), bias 0; with ``zero_head`` weight and bias 0, as RLRR's official script).
 
     ``overrides`` go to ``timm.create_model`` (``patch_size``, ``depth``, ``embed_dim``,
     ``num_heads`` … for tiny test models).
     """
     overrides = dict(overrides or {})
-    if overrides.get("fc_norm") and (pretrained or checkpoint):
-        model = _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
-    else:
+    try:
         model = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
+    except RuntimeError as e:  # a checkpoint without the fc_norm asked for (MAE's pretraining weights)
+        if not (overrides.get("fc_norm") and "fc_norm" in str(e)):
+            raise
+        model = _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
     check_img_size(model, name, img_size)
     if zero_head:
         head = model.get_classifier()
@@ -135,10 +138,10 @@ def _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size,
 def _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
     """MAE's fine-tuning head (``global_pool: avg, fc_norm: true``): the patch tokens are averaged
     and normalised by a new LayerNorm, and the pretrained final ``norm`` is dropped (MAE's
-    ``models_vit.py``; VPT's MAE backbone does the same). The checkpoint holds ``norm`` and no
-    ``fc_norm``, so timm's strict load would fail: load it into the checkpoint's own architecture,
-    then copy every tensor but ``norm.*`` into the requested one, which must then lack only
-    ``fc_norm.*`` (timm's init: weight 1, bias 0)."""
+    ``models_vit.py``; VPT's MAE backbone does the same). MAE's checkpoint holds ``norm`` and no
+    ``fc_norm``, so timm's strict load fails (a file with ``fc_norm`` loads as it is): load it
+    into the checkpoint's own architecture, then copy every tensor but ``norm.*`` into the
+    requested one, which must then lack only ``fc_norm.*`` (timm's init: weight 1, bias 0)."""
     as_saved = {k: v for k, v in overrides.items() if k not in ("fc_norm", "global_pool")}
     source = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, as_saved)
     model = _create(name, num_classes, False, None, drop_path_rate, img_size, overrides)
