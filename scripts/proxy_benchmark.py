@@ -92,6 +92,16 @@ def current_lrs() -> Dict[str, float]:
     return {k: float(v) for k, v in OmegaConf.load(EXPERIMENT).proxy_lr.items()}
 
 
+def check_tuned(methods: Sequence[str]) -> None:
+    """Every method must have a tuned learning rate in configs/experiment/proxy.yaml; a new one is
+    refused with the command that tunes it (nothing falls back to an untuned default)."""
+    missing = [m for m in methods if m not in current_lrs()]
+    if missing:
+        raise SystemExit(f"no tuned proxy learning rate for {', '.join(missing)} (proxy_lr in "
+                         f"{os.path.relpath(EXPERIMENT, REPO)}); tune it first: python scripts/proxy_benchmark.py --tune --methods "
+                         f"{' '.join(missing)}   (--tune-only to stop after tuning; other methods' entries are kept)")
+
+
 def write_lrs(lrs: Dict[str, float]) -> None:
     """Rewrite the ``proxy_lr`` block of configs/experiment/proxy.yaml (between its markers)."""
     text = EXPERIMENT.read_text()
@@ -126,12 +136,12 @@ def tune(methods: Sequence[str], out: Path, epochs: Optional[int], rerun: bool) 
     record = json.loads(TUNING_FILE.read_text()) if TUNING_FILE.is_file() else {"chosen": {}, "val_acc": {}}
     record.update({"protocol": "tune (fit train800, score val200; last epoch)", "tasks": list(TUNE_TASKS),
                    "epochs": epochs or "the experiment's", "selection": "best mean val accuracy over the tasks",
-                   "command": "python scripts/proxy_benchmark.py --tune"})
+                   "command": "python scripts/proxy_benchmark.py --tune [--methods ...]"})
     record["chosen"].update(best)
     record["val_acc"].update(table)
     TUNING_FILE.parent.mkdir(parents=True, exist_ok=True)
     TUNING_FILE.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"tuned learning rates -> {EXPERIMENT.relative_to(REPO)} proxy_lr: {best}")
+    print(f"tuned learning rates -> {os.path.relpath(EXPERIMENT, REPO)} proxy_lr: {best}")
     return best
 
 
@@ -219,6 +229,7 @@ def plot(table, path: Path) -> None:
 
 def benchmark(methods: Sequence[str], tasks: Sequence[str], out: Path, overrides: Sequence[str] = (),
               rerun: bool = False, seed: int = 0) -> List[Dict]:
+    check_tuned(methods)
     records, n, t0 = [], len(methods) * len(tasks), time.time()
     for i, (task, m) in enumerate(((t, m) for t in tasks for m in methods), 1):
         rec = run_one(m, task, out / "final" / m / task / f"seed{seed}", "final", [f"seed={seed}", *overrides], rerun)

@@ -114,6 +114,31 @@ def test_make_table_renders_proxy_groups(tmp_path):
     assert "Proxy benchmark" in (tmp_path / "out" / "proxy.md").read_text()
 
 
+def test_untuned_method_is_refused_and_tuning_merges(tmp_path, monkeypatch):
+    """A method without a tuned learning rate stops the benchmark with the command that tunes it;
+    ``--tune --methods X`` adds X's entry to proxy_lr and to the tuning record, keeping the others'."""
+    with pytest.raises(SystemExit, match="no tuned proxy learning rate for newmethod .*--tune --methods newmethod"):
+        proxy_benchmark.check_tuned(["linear", "newmethod"])
+    experiment, tuning = tmp_path / "proxy.yaml", tmp_path / "proxy_tuning.json"
+    experiment.write_text(proxy_benchmark.EXPERIMENT.read_text())
+    tuning.write_text(proxy_benchmark.TUNING_FILE.read_text())
+    monkeypatch.setattr(proxy_benchmark, "EXPERIMENT", experiment)
+    monkeypatch.setattr(proxy_benchmark, "TUNING_FILE", tuning)
+    before = proxy_benchmark.current_lrs()
+
+    def fake_run(method, task, out_dir, protocol, overrides, rerun):  # val accuracy peaks at lr 3e-3
+        lr = float(overrides[0].split("=")[1])
+        return {"val_acc": 50 - abs(torch.tensor(lr / 3e-3).log().item())}
+
+    monkeypatch.setattr(proxy_benchmark, "run_one", fake_run)
+    assert proxy_benchmark.tune(["newmethod"], tmp_path, None, False) == {"newmethod": 3e-3}
+    assert proxy_benchmark.current_lrs() == {**before, "newmethod": 3e-3}
+    proxy_benchmark.check_tuned(["linear", "newmethod"])
+    record = json.loads(tuning.read_text())
+    assert record["chosen"] == {**json.loads(proxy_benchmark.TUNING_FILE.read_text())["chosen"], "newmethod": 3e-3}
+    assert set(record["val_acc"]) == set(record["chosen"])
+
+
 @pytest.fixture(scope="module")
 def quick_subset(tmp_path_factory):
     """Every method on two structured tasks with the benchmark's recipe and tuned learning rates
