@@ -135,8 +135,10 @@ class FacTBatched(BatchedDeltas):
         for u, unit in enumerate(self.units):
             d0 = unit[0].deltas["all"]
             q = d0.q_from(d0.kmat(t[getattr(self, f"cols_{u}")]))  # (L, in, p_out·r)
-            r = d0.r_mat()
-            out.extend((qi, r, d0.dropout) for qi in q.unbind(0))
+            # R is the same for the L Linears; one view each, so that backward gathers their
+            # gradients in one op instead of L - 1 accumulations
+            r = d0.r_mat().expand(q.shape[0], -1, -1).unbind(0)
+            out.extend((qi, ri, d0.dropout) for qi, ri in zip(q.unbind(0), r))
         return out
 
     def forward_linear(self, lin, index, x):
