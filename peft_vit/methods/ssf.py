@@ -15,9 +15,9 @@ the paper's rule, one affine after every operation. Swin's widths differ by stag
 takes the width of the module it follows.
 
 Init (official ``init_ssf_scale_shift``): γ ~ N(1, 0.02), β ~ N(0, 0.02) (``std``), so the model
-is not exactly the backbone at start. Only γ, β and the head train (the official train script
-freezes every name without ``ssf``); they are 1-d, so timm's rule exempts them from weight decay,
-as the official timm optimiser factory does.
+is not exactly the backbone at start. Only γ, β and the head train (the official
+``optim_factory.py`` freezes every parameter but the head's and the ``ssf_scale``/``ssf_shift``
+ones); they are 1-d, so timm's rule exempts them from weight decay, as the same file does.
 
 ViT-B/16 (D = 768, 12 blocks): per block 2 · (768 + 2,304 + 768 + 768 + 3,072 + 768) = 16,896;
 12 · 16,896 + 2 · 768 (patch embedding) + 2 · 768 (final norm) = 205,824 without the head.
