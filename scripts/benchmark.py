@@ -48,7 +48,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
-OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5, "vpt_deep": 0.7, "adaptformer": 0.85, "dora": 0.9, "fact_tk": 1.14, "ssf": 0.9, "bitfit": 0.7}  # × full's ops
+OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5, "vpt_deep": 0.7, "adaptformer": 0.85, "dora": 0.9, "fact_tk": 1.14, "vera": 0.75, "ssf": 0.9, "bitfit": 0.7}  # × full's ops
 MODELS = {
     "vit_b16": dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
                     drop_path_rate=0.0, img_size=224, overrides={}),

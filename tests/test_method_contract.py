@@ -37,6 +37,7 @@ ROWS = {
     "kadaptation": Row(50_176, True, digits=dict(model=TINY_MODEL, epochs=12, lr=1e-2)),
     # rank 32: U, V 768·32 each, P 32·144, core 32³; at scale 10 the official lr 1e-3 (5e-3 diverges)
     "fact_tk": Row(86_528, True, digits=dict(model=TINY_JAX, epochs=8, lr=1e-3)),
+    "vera": Row(24_576, True),  # q, v of 12 blocks: 2 · 12 · (768 + 256)
     "adaptformer": Row(1_189_632, True),  # bottleneck 64; zero up-projection
     "dora": Row(322_560, True),  # LoRA's 294,912 + 12 · 2,304 magnitudes
     "vpt_deep": Row(92_160, False, digits=dict(model=TINY_JAX, epochs=5, lr=1e-2)),  # official uniform init
