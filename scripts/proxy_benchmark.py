@@ -8,7 +8,8 @@ pretrained ViT (configs/experiment/proxy.yaml), offline, on a CPU.
 
 Each run is ``python train.py experiment=proxy dataset=proxy/<task> method=<m>``, executed in
 this process (no start-up cost per run) and writing the usual ``results.json`` under
-``<out>/final/<method>/<task>/``; runs whose record exists are skipped (``--rerun`` redoes them).
+``<out>/final/<method>/<task>/``; runs whose record exists are skipped (``--rerun`` redoes them)
+unless the task's data was regenerated after it (a new generator version of that task).
 Then it writes ``<out>/proxy_table.{md,csv}`` (methods x tasks, group means, the mean,
 trainable parameters) and ``<out>/proxy_acc_vs_params.png``.
 
@@ -60,10 +61,9 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     from peft_vit.engine.loop import run
     from peft_vit.record import RESULTS, RunContext, RunRecord
 
+    from peft_vit.data.proxy import get_task, write_task
+
     out_dir = Path(out_dir)
-    result = out_dir / RESULTS
-    if result.exists() and not rerun:
-        return RunRecord.read(result).to_dict()
     args = ["experiment=proxy", f"dataset=proxy/{task}", f"method={method}", f"protocol={protocol}",
             "skip_done=false", *overrides]
     GlobalHydra.instance().clear()
@@ -74,6 +74,12 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves
     with open_dict(cfg):
         del cfg["hydra"]
+    # the task's folder, (re)written when its generator's version changed; a record older than
+    # the folder was measured on other data and is redone
+    stamp = write_task(get_task(task), cfg.dataset.root, int(cfg.dataset.seed)) / "proxy.json"
+    result = out_dir / RESULTS
+    if result.exists() and not rerun and result.stat().st_mtime_ns > stamp.stat().st_mtime_ns:
+        return RunRecord.read(result).to_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
     return run(cfg, RunContext(out_dir, "proxy", None, tuple(args))).to_dict()
 

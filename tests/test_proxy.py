@@ -14,7 +14,8 @@ import proxy_benchmark  # scripts/: pytest's pythonpath (pyproject.toml)
 from peft_vit.data import proxy  # noqa: E402
 
 WEIGHTS = REPO / "weights" / "proxy_vit.safetensors"
-QUICK_TASKS = ("count", "position")  # two structured tasks, the benchmark's recipe (10 epochs)
+QUICK_TASKS = ("count", "position")  # two structured tasks
+QUICK_EPOCHS = 5  # half the benchmark's 10: ~14 methods x 2 tasks in <= 3 minutes on 2 cores
 
 
 def test_tasks_are_deterministic_and_cover_their_classes():
@@ -61,6 +62,10 @@ def test_task_written_in_noah_layout_and_read_back(tmp_path):
     mtime = (folder / "proxy.json").stat().st_mtime_ns
     assert proxy.write_task(proxy.TASKS["orientation"], tmp_path) == folder  # reused, not rewritten
     assert (folder / "proxy.json").stat().st_mtime_ns == mtime
+    stamp = json.loads((folder / "proxy.json").read_text())
+    (folder / "proxy.json").write_text(json.dumps({**stamp, "task_version": stamp["task_version"] - 1}))
+    proxy.write_task(proxy.TASKS["orientation"], tmp_path)  # another generator version: rewritten
+    assert json.loads((folder / "proxy.json").read_text()) == stamp
 
 
 def test_unknown_task_names_the_known_ones():
@@ -81,6 +86,26 @@ def test_shipped_weights_load_through_model_checkpoint():
     shipped = load_file(str(WEIGHTS))
     assert all(torch.equal(state[k], v) for k, v in shipped.items() if not k.startswith("head."))
     assert model.head.out_features == 8
+
+
+def test_pretraining_runs_its_stages_in_one_command(tmp_path):
+    """scripts/proxy_pretrain.py runs the shipped recipe's stages in order (here 2 steps each):
+    the 256-class hue stage, then the 32-class shape stage from its weights with a new head."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("_proxy_pretrain", REPO / "scripts" / "proxy_pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    out = tmp_path / "vit.safetensors"
+    assert pretrain.main(["--stages", "hue:2,shape:2", "--batch-size", "8", "--warmup", "1", "--threads", "1",
+                          "--held-out", "64", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [(s["stage"], s["steps"], s["classes"]) for s in meta["stages"]] == [("hue", 2, 256), ("shape", 2, 32)]
+    assert load_file(str(out))["head.weight"].shape == (32, 96)
+    _, y = proxy.pretrain_batch(torch.Generator().manual_seed(0), 512, "hue")
+    assert y.max() < 256 and len(y.unique()) > 200
 
 
 def test_make_table_renders_proxy_groups(tmp_path):
@@ -141,11 +166,17 @@ def test_untuned_method_is_refused_and_tuning_merges(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def quick_subset(tmp_path_factory):
-    """Every method on two structured tasks with the benchmark's recipe and tuned learning rates
-    (one intra-op thread, as the README's table was measured: the same numbers)."""
+    """Every method on two structured tasks with the benchmark's recipe, its tuned learning rates
+    and QUICK_EPOCHS epochs, on two intra-op threads (the runs are timed in the README)."""
     out = tmp_path_factory.mktemp("proxy")
     methods = proxy_benchmark.registered_methods()
-    proxy_benchmark.benchmark(methods, QUICK_TASKS, out, [f"paths.data_dir={out / 'data'}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        proxy_benchmark.benchmark(methods, QUICK_TASKS, out, [f"paths.data_dir={out / 'data'}",
+                                                              f"trainer.epochs={QUICK_EPOCHS}"])
+    finally:
+        torch.set_num_threads(threads)
     table = proxy_benchmark.make_table(proxy_benchmark.collect(out), methods, QUICK_TASKS)
     print(proxy_benchmark.to_markdown(table))
     return table

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import DataSplits, PROTOCOLS, register_source
 
 IMG = 32
-VERSION = 4  # bump when any generator changes: folders written by another version are rebuilt
+VERSION = 4  # of the layout and the shared rendering; a generator of one task: its ProxyTask.version
 SIZES = {"train800": 800, "val200": 200, "test": 1000}
 
 # ----------------------------------------------------------------------------- rendering
@@ -151,15 +151,34 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- pretraining
 
-NUM_PRETRAIN_CLASSES = PRETRAIN_SHAPES * N_TEXTURES  # 32
+@dataclass(frozen=True)
+class PretrainStage:
+    """One stage of the shipped pretraining (scripts/proxy_pretrain.py runs them in order)."""
+    hue_in_label: bool  # labels shape x hue x texture (256) instead of shape x texture (32)
+    position: float  # object centres uniform in [-position, position] (units of half the image)
+    radius: Tuple[float, float]  # object radius range, same units
 
 
-def pretrain_batch(g: torch.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``n`` pretraining images (uint8 (N, 3, 32, 32)) and labels shape * 4 + texture. Each image
-    holds 1-2 copies of its class's object (same shape, hue, texture), each at its own position,
-    scale (radius 5-10 px) and rotation, on a random background; the hue is random (a nuisance).
-    With hue in the label (an earlier version, 256 classes) the backbone learnt colour and almost
-    no shape (held-out shape accuracy 21 %, chance 12.5 %) and transferred nothing to digits."""
+PRETRAIN_STAGES = {
+    # stage 1 (generator version 2): with hue in the label the backbone learnt colour and almost no
+    # shape (held-out shape accuracy 21 %, chance 12.5 %) and transferred nothing to digits, so
+    "hue": PretrainStage(True, 0.6, (0.22, 0.45)),
+    # stage 2 continues from it with hue a nuisance: shape, not colour, decides the label
+    "shape": PretrainStage(False, 0.5, (0.3, 0.6)),
+}
+NUM_PRETRAIN_CLASSES = PRETRAIN_SHAPES * N_TEXTURES  # 32 (the shipped head's, stage "shape")
+
+
+def pretrain_classes(stage: str = "shape") -> int:
+    return PRETRAIN_SHAPES * N_TEXTURES * (N_HUES if PRETRAIN_STAGES[stage].hue_in_label else 1)
+
+
+def pretrain_batch(g: torch.Generator, n: int, stage: str = "shape") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pretraining images (uint8 (N, 3, 32, 32)) and labels (shape * 4 + texture, or
+    shape * 32 + hue * 4 + texture for stage ``hue``). Each image holds 1-2 copies of its class's
+    object (same shape, hue, texture), each at its own position, scale (stage ``shape``: radius
+    5-10 px) and rotation, on a random background."""
+    st = PRETRAIN_STAGES[stage]
     shape = torch.randint(0, PRETRAIN_SHAPES, (n,), generator=g)
     hue = torch.randint(0, N_HUES, (n,), generator=g)
     tex = torch.randint(0, N_TEXTURES, (n,), generator=g)
@@ -167,9 +186,10 @@ def pretrain_batch(g: torch.Generator, n: int) -> Tuple[torch.Tensor, torch.Tens
     img = background(g, n)
     colour = palette(g, hue)
     for k in range(2):
-        img = draw(img, shape, _u(g, n, -0.5, 0.5), _u(g, n, -0.5, 0.5), _u(g, n, 0.3, 0.6),
-                   _u(g, n, 0, 2 * math.pi), colour, tex, _u(g, n, 3.5, 6.0), visible=count > k)
-    return to_uint8(img), shape * N_TEXTURES + tex
+        img = draw(img, shape, _u(g, n, -st.position, st.position), _u(g, n, -st.position, st.position),
+                   _u(g, n, *st.radius), _u(g, n, 0, 2 * math.pi), colour, tex, _u(g, n, 3.5, 6.0), visible=count > k)
+    label = shape * (N_HUES * N_TEXTURES) + hue * N_TEXTURES + tex if st.hue_in_label else shape * N_TEXTURES + tex
+    return to_uint8(img), label
 
 
 # ----------------------------------------------------------------------------- transfer tasks
@@ -340,6 +360,7 @@ class ProxyTask:
     num_classes: int
     generate: Callable  # (generator, n, split) -> (uint8 (n, 3, 32, 32), int64 (n,))
     like: str  # the VTAB-1k task(s) it imitates
+    version: int = 1  # bump when this task's generator changes: its folders are rebuilt, its results redone
 
 
 TASKS: Dict[str, ProxyTask] = {t.name: t for t in [
@@ -368,12 +389,12 @@ def generate(task: ProxyTask, split: str, seed: int = 0) -> Tuple[torch.Tensor, 
 
 def write_task(task: ProxyTask, root, seed: int = 0) -> Path:
     """Write ``task`` in NOAH's layout under ``root/<task.name>`` unless a folder of this
-    generator version and seed is there already. Written to a temporary folder and renamed, so
+    generator version (``VERSION`` and the task's own) and seed is there already. Written to a temporary folder and renamed, so
     concurrent runs never read a half-written task."""
     from PIL import Image
 
     folder = Path(root).expanduser() / task.name
-    stamp = {"version": VERSION, "seed": seed, "task": task.name, "sizes": SIZES}
+    stamp = {"version": VERSION, "task_version": task.version, "seed": seed, "task": task.name, "sizes": SIZES}
     if (folder / "proxy.json").is_file() and json.loads((folder / "proxy.json").read_text()) == stamp:
         return folder
     tmp = folder.with_name(f".{task.name}.tmp{os.getpid()}")
