@@ -13,8 +13,9 @@ adapted matrix; each adapted matrix trains only two scaling vectors::
 Init: ``d = d_initial`` (0.1), ``b = 0``: the model starts as the backbone.
 
 Defaults (the paper's image-classification setting with ViTs): the query and value projections
-(the q and v blocks of timm's fused qkv), rank 256: 12 · 2 · (768 + 256) = 24,576 parameters on
-ViT-B/16 without the head (the paper prints 24.6K). Numerically identical to HF ``peft``'s VeRA
+(the q and v blocks of timm's fused qkv), rank 256: the paper's count L_tuned · (d_model + r),
+12 · 2 · (768 + 256) = 24,576 on ViT-B/16 without the head (24.6K in its ViT-B rows). The paper's
+learning rates for the vectors and the head are the optim config's business here. Numerically identical to HF ``peft``'s VeRA
 with the same seed and vectors (tested).
 
 The forward never forms ΔW: per adapted Linear ``y = x Wᵀ + c + dropout(x) A_inᵀ M`` where
