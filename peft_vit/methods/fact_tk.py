@@ -13,6 +13,9 @@ several pieces runs ``y = x Wᵀ + b + dropout(x Q) R`` with ``Q = blockdiag(U�
 ``R = s · blockdiag(Vᵀ)`` (n·r × out), ``K`` its pieces' cores side by side: dropout (0.1) sits
 on the r-dim intermediate after the core, as in the official code. All cores come from one matmul
 ``C·P`` per forward (:class:`FacTBatched`, which also owns the shared factors).
+A training step costs 1.13× full fine-tuning's ops (``scripts/benchmark.py --ops``, budget 1.14):
+four adapted Linears per block, each with its own low-rank path, since the dropout acts per token
+on the intermediate and so rules out one matmul with W + ΔW.
 
 Count on ViT-B/16 (rank 32): U 24,576 + V 24,576 + P 32·144 = 4,608 + C 32³ = 32,768 → 86,528
 (rank 8: 13,952). The paper's FacT-TK≤32 uses rank 16 or 32 per task and prints 0.069M, the
