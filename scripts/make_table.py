@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     stems = safe_stems(datasets)
     for ds in datasets:
         table = build_table(col.records, ds, views, paper=a.paper, notes=[f"{m} (skipped)" for m in col.issues])
-        if not any(r.kind == "ours" for r in table.rows):
+        if not (table.rows.kind == "ours").any():
             print(f"{ds}: no records for the views {','.join(views)}", file=sys.stderr)
             continue
         for p in write_table(table, Path(a.out), formats, stem=stems[ds]):

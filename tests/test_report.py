@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from peft_vit.report import build_table, load_records, to_csv, to_latex, to_markdown, vtab_tasks
@@ -127,56 +128,57 @@ def test_fgvc_table_matches_golden(results):
 
 
 def _row(t, method, protocol, kind="ours"):
-    rows = [r for r in t.rows if r.method == method and r.protocol == protocol and r.kind == kind]
-    assert len(rows) == 1, [(r.method_label, r.protocol) for r in t.rows]
-    return rows[0]
+    """(row, cells) of the one table row of ``method``, ``protocol`` and ``kind``."""
+    i = t.rows.index[(t.rows.method == method) & (t.rows.protocol == protocol) & (t.rows.kind == kind)]
+    assert len(i) == 1, t.rows[["label", "protocol"]]
+    return t.rows.loc[i[0]], t.cells.loc[i[0]]
 
 
 def test_table_semantics(results):
     col = load_records([results])
     t = build_table(col.records, "vtab")
     tasks = list(vtab_tasks())
-    lora = _row(t, "lora", "final/last-epoch")
+    lora, cells = _row(t, "lora", "final/last-epoch")
     # mean ± std over seeds; the duplicate (99.0) is not counted
-    assert lora.cells["cifar"].mean == pytest.approx(60.25) and lora.cells["cifar"].n == 2
-    assert lora.cells["cifar"].std == pytest.approx(0.3535534, abs=1e-6)
-    assert lora.cells["mean"].mean == pytest.approx(60.25 + 9)
+    assert cells["cifar"] == pytest.approx(60.25) and cells["cifar_n"] == 2
+    assert cells["cifar_std"] == pytest.approx(0.3535534, abs=1e-6)
+    assert cells["mean"] == pytest.approx(60.25 + 9)
     assert any(n.startswith("duplicate: vtab lora task=cifar seed=0") and "ignored a_earlier" in n for n in t.notes)
     # both protocols, never mixed: the max-over-epochs row is its own row
-    lmax = _row(t, "lora", "final/max-over-epochs (selects on test)")
-    assert lmax.cells["cifar"].mean == pytest.approx(61.5)
+    _, lmax = _row(t, "lora", "final/max-over-epochs (selects on test)")
+    assert lmax["cifar"] == pytest.approx(61.5)
     # mean of group means (NOAH's) and the plain mean (HTA/RLRR's)
     g = {grp: [i for i, x in enumerate(tasks) if vtab_tasks()[x] == grp] for grp in ("natural", "specialized", "structured")}
     gm = [sum(60.25 + i for i in ix) / len(ix) for ix in g.values()]
-    assert lora.cells["mean_of_groups"].mean == pytest.approx(sum(gm) / 3)
+    assert cells["mean_of_groups"] == pytest.approx(sum(gm) / 3)
     # params: averaged over tasks, with and without head
     assert lora.params_no_head == pytest.approx(0.294912)
     assert lora.params_head == pytest.approx(0.294912 + 769 * 940 / 19 / 1e6)
     # a cell with fewer seeds is marked, and the means over it carry no std
-    hta = _row(t, "householder", "final/last-epoch")
-    assert hta.cells["svhn"].few_seeds and hta.cells["svhn"].n == 1
-    assert hta.cells["natural"].std is None and hta.cells["structured"].std is not None
+    _, hta = _row(t, "householder", "final/last-epoch")
+    assert hta["svhn_n"] == 1 and hta["cifar_n"] == 2 and f"| {hta['svhn']:.2f} (n=1) |" in to_markdown(t)
+    assert pd.isna(hta["natural_std"]) and pd.notna(hta["structured_std"])
     # incomplete: blanks and no silent average
-    rlrr = _row(t, "rlrr", "final/last-epoch")
-    assert "dtd" not in rlrr.cells
-    assert rlrr.cells["mean"].mean is None and rlrr.cells["mean"].incomplete == (13, 19)
-    assert rlrr.params_partial
+    rlrr, rcells = _row(t, "rlrr", "final/last-epoch")
+    assert pd.isna(rcells["dtd"]) and rcells["dtd_n"] == 0
+    assert pd.isna(rcells["mean"]) and rcells["mean_n"] == 13 and len(t.benchmark.spans["mean"]) == 19
+    assert rlrr.partial
     assert "incomplete (13/19)" in to_markdown(t)
     # tune rows stay apart
-    tune = _row(t, "lora", "tune/val")
-    assert tune.experiment == "vtab_honest" and set(tune.cells) >= {"cifar", "caltech101", "dtd"}
+    tune, tcells = _row(t, "lora", "tune/val")
+    assert tune.experiment == "vtab_honest" and tcells[["cifar", "caltech101", "dtd"]].notna().all()
 
 
 def test_paper_rows_and_diff(results):
     col = load_records([results])
     t = build_table(col.records, "vtab", paper=True)
-    p = _row(t, "lora", "paper: max test acc over epochs", kind="paper")
-    assert p.experiment == "NOAH T1" and p.params_no_head == pytest.approx(0.29) and p.params_head is None
-    d = [r for r in t.rows if r.kind == "diff" and r.method == "lora" and "max-over-epochs" in r.protocol][0]
-    assert d.cells["cifar"].mean == pytest.approx(61.5 - 67.1)
-    assert not any(r.kind == "diff" and "tune" in r.protocol for r in t.rows)
+    p, _ = _row(t, "lora", "paper: max test acc over epochs", kind="paper")
+    assert p.experiment == "NOAH T1" and p.params_no_head == pytest.approx(0.29) and pd.isna(p.params_head)
+    _, d = _row(t, "lora", "Δ final/max-over-epochs (selects on test) − paper", kind="diff")
+    assert d["cifar"] == pytest.approx(61.5 - 67.1)
+    assert not any((t.rows.kind == "diff") & t.rows.protocol.str.contains("tune"))
     # paper rows without any of ours are still listed (Full, Linear, Adapter, the * rows)
-    assert {(r.method, r.backbone) for r in t.rows if r.kind == "paper"} >= {
+    assert set(zip(*(t.rows[t.rows.kind == "paper"][k] for k in ("method", "backbone")))) >= {
         ("full", DEFAULT_BACKBONE), ("adapter", DEFAULT_BACKBONE), ("householder", "vit_base_patch16_224.augreg_in21k")}
 
 
@@ -203,9 +205,9 @@ def test_variants_split_rows_instead_of_averaging(tmp_path):
     write(tmp_path, "a", record("lora", "cifar", 0, 60.0, lr=1e-3))
     write(tmp_path, "b", record("lora", "cifar", 0, 70.0, lr=1e-2))
     notes = []
-    rows = group_rows(load_records([tmp_path]).records, ["last"], notes)
-    assert [r.method_label for r in rows] == ["lora (optim.lr=0.001)", "lora (optim.lr=0.01)"]
-    assert [e.value for r in rows for e in r.entries] == [60.0, 70.0]
+    long = group_rows(load_records([tmp_path]).records, ["last"], notes)
+    assert long.row.tolist() == [0, 1] and long.label.tolist() == ["lora (optim.lr=0.001)", "lora (optim.lr=0.01)"]
+    assert long.value.tolist() == [60.0, 70.0]
     assert any(n.startswith("split:") and "optim.lr" in n for n in notes)
 
 
@@ -217,8 +219,8 @@ def test_duplicates_ignore_paths_and_workers(tmp_path):
     write(tmp_path, "a", a)
     write(tmp_path, "b", b)
     notes = []
-    rows = group_rows(load_records([tmp_path]).records, ["last"], notes)
-    assert len(rows) == 1 and [e.value for e in rows[0].entries] == [61.0]  # the last path is kept
+    long = group_rows(load_records([tmp_path]).records, ["last"], notes)
+    assert long.row.tolist() == [0] and long.value.tolist() == [61.0]  # the last path is kept
     assert len([n for n in notes if n.startswith("duplicate")]) == 1
 
 

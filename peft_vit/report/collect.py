@@ -170,31 +170,6 @@ def load_records(paths: Sequence[os.PathLike]) -> Collection:
 
 # --------------------------------------------------------------------------- grouping
 
-@dataclass
-class Entry:
-    """One (task, seed) measurement of a row: the kept record's value."""
-    task: str
-    seed: Any
-    value: float
-    record: Record
-
-
-@dataclass
-class RowData:
-    dataset: str
-    method: str
-    backbone: str
-    experiment: Optional[str]
-    view: View
-    variant: Tuple[Tuple[str, str], ...] = ()
-    entries: List[Entry] = field(default_factory=list)
-
-    @property
-    def method_label(self) -> str:
-        label = method_label(self.method, self.backbone)
-        return label + (" (" + ", ".join(f"{k}={v}" for k, v in self.variant) + ")" if self.variant else "")
-
-
 def method_label(method: str, backbone: str) -> str:
     mark = BACKBONE_MARKS.get(backbone)
     return method + (mark if mark is not None else f" [{backbone}]")
@@ -217,46 +192,48 @@ def varying(records: Sequence[Record]) -> List[str]:
 
 
 ROW_KEY = ["dataset", "method", "backbone", "experiment", "view"]
+LONG = ROW_KEY + ["protocol", "task", "seed", "fp", "path", "record", "value", "params", "params_no_head"]
 
 
 def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
-               notes: Optional[List[str]] = None) -> List[RowData]:
-    """Records -> rows (see the module docstring). Duplicates and variant splits are appended
-    to ``notes``."""
+               notes: Optional[List[str]] = None) -> pd.DataFrame:
+    """Records -> the measurements of the table rows (see the module docstring), one per row, task
+    and seed (:data:`LONG`), numbered in table order (``row``), each row with its ``variant`` and
+    ``label``. Duplicates and variant splits are appended to ``notes``."""
     notes = notes if notes is not None else []
-    df = pd.DataFrame([dict(dataset=r.dataset, method=r.method, backbone=r.backbone, experiment=r.experiment or "",
-                            view=v, protocol=VIEWS[v].protocol, task=r.task, seed=str(r.seed), fp=r.fingerprint,
-                            path=r.path, rec=r, value=r.value(VIEWS[v]))
-                       for r in records for v in views if r.value(VIEWS[v]) is not None], dtype=object)
-    rows, reported = [], set()
-    if df.empty:
-        return rows
-    same = ROW_KEY + ["task", "seed", "fp"]
-    df["dup"] = df.duplicated(same, keep=False)
-    df["kept"] = ~df.duplicated(same, keep="last")
-    df["clash"] = df.kept & df[df.kept].duplicated(ROW_KEY + ["task", "seed"], keep=False).reindex(df.index, fill_value=False)
+    num = lambda x: math.nan if x is None else float(x)  # noqa: E731
+    df = pd.DataFrame([(r.dataset, r.method, r.backbone, r.experiment or "", v, VIEWS[v].protocol, r.task, str(r.seed),
+                        r.fingerprint, r.path, r, r.value(VIEWS[v]), num(r.run.trainable_params),
+                        num(r.run.trainable_params_no_head))
+                       for r in records for v in views if r.value(VIEWS[v]) is not None], columns=LONG)
+    same, reported, parts = ROW_KEY + ["task", "seed", "fp"], set(), []
+    df["dup"], df["kept"] = df.duplicated(same, keep=False), ~df.duplicated(same, keep="last")
     for (ds, method, backbone, exp, vk), g in df.groupby(ROW_KEY, sort=False):
         view = VIEWS[vk]
-        for (task, seed, fp), d in (g[g.dup].groupby(["task", "seed", "fp"], sort=False) if g.dup.any() else ()):
-            if (ds, method, backbone, exp, view.protocol, task, seed, fp) not in reported:
-                reported.add((ds, method, backbone, exp, view.protocol, task, seed, fp))
+        for (task, seed, fp), d in g[g.dup].groupby(["task", "seed", "fp"], sort=False):
+            if (key := (ds, method, backbone, exp, view.protocol, task, seed, fp)) not in reported:
+                reported.add(key)
                 notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={view.protocol} has "
                              f"{len(d)} records with the same config; kept {d.path.iloc[-1]}, ignored "
                              + ", ".join(d.path.iloc[:-1]))
-        clashes = g[g.clash].groupby(["task", "seed"]).rec if g.clash.any() else ()
+        g = g[g.kept]
+        clashes = g[g.duplicated(["task", "seed"], keep=False)].groupby(["task", "seed"]).record
         vkeys = sorted(set().union(*(varying(list(c)) for _, c in clashes)))
         if vkeys:
             notes.append(f"split: {ds} {method} {f'experiment={exp}' if exp else '(no experiment)'} {view.label}: "
                          f"records of the same task and seed differ in {', '.join(vkeys)}; one row per setting")
-        by_variant: Dict[tuple, RowData] = {}
-        for r, value in zip(g.rec[g.kept], g.value[g.kept]):
-            variant = tuple((k, _fmt_value(r.settings.get(k))) for k in vkeys)
-            row = by_variant.setdefault(variant, RowData(ds, method, backbone, exp or None, view, variant))
-            row.entries.append(Entry(r.task, r.seed, value, r))
-        rows += by_variant.values()
-    return sorted(rows, key=lambda r: (r.dataset, method_rank(r.method), r.backbone != DEFAULT_BACKBONE, r.backbone,
-                                       r.experiment is not None, r.experiment or "", r.variant,
-                                       VIEW_ORDER.index(r.view.key)))
+        parts.append(g.assign(variant=[tuple((k, _fmt_value(r.settings.get(k))) for k in vkeys) for r in g.record]))
+    if not parts:
+        return df.assign(variant="", label="", row=0)
+    long = pd.concat(parts)
+    sort_key = [(ds, method_rank(m), bb != DEFAULT_BACKBONE, bb, exp != "", exp, var, VIEW_ORDER.index(v))
+                for ds, m, bb, exp, v, var in zip(*(long[k] for k in ROW_KEY), long.variant)]
+    rank = {k: i for i, k in enumerate(sorted(set(sort_key)))}
+    long["row"] = [rank[k] for k in sort_key]
+    long["label"] = [method_label(m, bb) + (" (" + ", ".join(f"{k}={v}" for k, v in var) + ")" if var else "")
+                     for m, bb, var in zip(long.method, long.backbone, long.variant)]
+    long["variant"] = [", ".join(f"{k}={v}" for k, v in var) for var in long.variant]
+    return long.sort_values("row", kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- selection

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import pandas as pd
+
 from ..record import RunRecord
 from .collect import BACKBONE_MARKS, Record
 from .tables import PAPER_PROTOCOL, Table
@@ -65,34 +67,31 @@ def accuracy_vs_params_data(table: Table, protocols: Optional[Iterable[str]] = N
     b = table.benchmark
     protocols = set(protocols) if protocols is not None else None
     points, skipped = [], []
-    for row in table.rows:
+    for (_, row), mean in zip(table.rows.iterrows(), table.cells["mean"]):
         if row.kind == "diff" or (protocols is not None and row.protocol not in protocols):
             continue
-        cell = row.cells.get("mean")
-        if row.kind == "ours":
-            label = row.method_label + (f" ({row.experiment})" if row.experiment else "")
-        else:
-            label = f"{row.method_label} [{row.experiment}]"
+        label = (row.label + (f" ({row.experiment})" if row.experiment else "")) if row.kind == "ours" \
+            else f"{row.label} [{row.experiment}]"
         if row.variant and row.kind == "ours" and row.variant not in label:
             label += f" ({row.variant})"
-        if cell is None or cell.mean is None:
+        if pd.isna(mean):
             skipped.append(f"{label} — {row.protocol}: incomplete")
             continue
         params, note = row.params_head, None
-        if params is None and row.params_no_head is not None:
+        if pd.isna(params) and pd.notna(row.params_no_head):
             if b.head_m is None:
                 skipped.append(f"{label} — {row.protocol}: no params with head")
                 continue
             params = row.params_no_head + b.head_m
             note = f"printed {row.params_no_head:.2f}M without head + mean head {b.head_m:.3f}M"
-        elif row.kind == "paper" and not row.params_head_known:
+        elif row.kind == "paper" and not row.head_known:
             note = "printed count; unknown whether it includes the head"
-        if params is None or params <= 0:
+        if pd.isna(params) or params <= 0:
             skipped.append(f"{label} — {row.protocol}: no params")
             continue
         points.append({"label": label, "method": row.method, "source": row.kind, "protocol": row.protocol,
                        "backbone": row.backbone, "front": _front_key(row.protocol, row.backbone),
-                       "params_m": round(params, 6), "acc": round(cell.mean, 6),
+                       "params_m": round(float(params), 6), "acc": round(float(mean), 6),
                        **({"params_note": note} if note else {})})
     fronts = {}
     for key in dict.fromkeys(p["front"] for p in points):
@@ -118,7 +117,7 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
     """Mean accuracy vs trainable params (log x). Writes <stem>.png, .pdf and .json; returns the
     plotted data. ``protocols`` restricts the rows (default: all but tune/val)."""
     if protocols is None:
-        protocols = [p for p in dict.fromkeys(r.protocol for r in table.rows) if not p.startswith(("tune", "Δ"))]
+        protocols = [p for p in table.rows.protocol.unique() if not p.startswith(("tune", "Δ"))]
     data = accuracy_vs_params_data(table, protocols)
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -221,8 +220,6 @@ def householder_groups(records: Sequence[Record], protocol: Optional[str] = "fin
 
 def householder_rank_data(records: Sequence[Union[Record, RunRecord]]) -> Dict[str, Any]:
     """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
-    import pandas as pd
-
     runs = [_run(r) for r in records]
     df = pd.DataFrame([(r.task, layer, mat, rank) for r in runs for layer, mat, rank in householder_entries(r.diagnostics)],
                       columns=["task", "layer", "matrix", "rank"])
