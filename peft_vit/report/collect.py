@@ -250,10 +250,7 @@ class Candidate:
     records: List[Record]
 
     mean = property(lambda self: float(pd.Series(self.scores).mean()))
-    std = property(lambda self: _std(self.scores))
-
-    def get(self, key: str, default=None):
-        return dict(self.values).get(key, default)
+    std = property(lambda self: None if len(self.scores) < 2 else float(pd.Series(self.scores).std()))  # ddof=1
 
 
 @dataclass
@@ -304,15 +301,11 @@ def _record_overrides(r: Record) -> Optional[List[str]]:
     return next((list(s) for s in srcs if isinstance(s, list) and all(isinstance(x, str) for x in s)), None)
 
 
-def _override_key(o: str) -> str:
-    return o.lstrip("+~").split("=", 1)[0]
-
-
 def rank_candidates(cands: List[Candidate]) -> List[Candidate]:
     """Best first. Documented tie rule: higher mean metric; then smaller ``optim.lr``; then
     larger ``optim.weight_decay``; then the remaining varying values compared as strings."""
     def num(c, k, sign):
-        v = c.get(k)
+        v = dict(c.values).get(k)
         return sign * float(v) if isinstance(v, NUMBER) else math.inf
 
     def rest(c):
@@ -322,11 +315,14 @@ def rank_candidates(cands: List[Candidate]) -> List[Candidate]:
                                         rest(c)))
 
 
+SELECTION_KEY = ["dataset", "method", "task", "experiment", "backbone"]
+
+
 def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final: bool = False,
                 notes: Optional[List[str]] = None) -> List[Selection]:
     """Per (dataset, method, task, experiment, backbone): the hyper-parameters (every config key
     that varies among the tuned runs, typically ``optim.lr`` and ``optim.weight_decay``) with
-    the best ``metric`` averaged over seeds.
+    the best ``metric`` averaged over seeds (a second run of a candidate and seed: the first kept).
 
     Refuses anything that could select on test: ``final`` records (unless ``ignore_final``,
     which skips them), records evaluated on the test split, and a metric that selects on test."""
@@ -346,48 +342,30 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
         if not ignore_final:
             raise SelectionError(msg + "\npoint select_best at tune sweeps only, or pass --ignore-final to skip them")
         notes.append("skipped: " + msg)
-
-    groups: Dict[tuple, List[Record]] = {}
-    for r in records:
-        if on_test(r):
-            continue
-        if not isinstance(r.data.get(metric), NUMBER):
-            notes.append(f"skipped {r.path}: no {metric}")
-            continue
-        groups.setdefault((r.dataset, r.method, r.task, r.experiment or "", r.backbone), []).append(r)
-
+    notes += [f"skipped {r.path}: no {metric}" for r in records
+              if not on_test(r) and not isinstance(r.data.get(metric), NUMBER)]
+    df = pd.DataFrame([(r.dataset, r.method, r.task, r.experiment or "", r.backbone, r, str(r.seed))
+                       for r in records if not on_test(r) and isinstance(r.data.get(metric), NUMBER)],
+                      columns=SELECTION_KEY + ["record", "seed"])
     out = []
-    for (ds, method, task, exp, backbone), recs in sorted(groups.items(), key=lambda kv: (
+    for (ds, method, task, exp, backbone), g in sorted(df.groupby(SELECTION_KEY), key=lambda kv: (
             kv[0][0], method_rank(kv[0][1]), *kv[0][2:])):
         # lr and wd first, then the rest alphabetically
-        keys = sorted(varying(recs), key=lambda k: ({"optim.lr": 0, "optim.weight_decay": 1}.get(k, 2), k))
-        cands: Dict[tuple, Candidate] = {}
-        for r in recs:
-            values = tuple((k, r.settings.get(k)) for k in keys)
-            c = cands.setdefault(tuple(_fmt_value(v) for _, v in values), Candidate(values, [], [], []))
-            prev = next((p for p in c.records if str(p.seed) == str(r.seed)), None)
-            if prev is not None:
-                notes.append(f"duplicate: {ds} {method} {task} seed={r.seed} {dict(values)}: kept the first "
-                             f"({prev.path}), ignored {r.path}")
-                continue
-            c.scores.append(float(r.data[metric]))
-            c.seeds.append(r.seed)
-            c.records.append(r)
-        ranked = rank_candidates(list(cands.values()))
-        nseeds = {len(c.seeds) for c in ranked}
-        if len(nseeds) > 1:
+        keys = sorted(varying(list(g.record)), key=lambda k: ({"optim.lr": 0, "optim.weight_decay": 1}.get(k, 2), k))
+        g = g.assign(cand=[tuple(_fmt_value(r.settings.get(k)) for k in keys) for r in g.record])
+        first = g.drop_duplicates(["cand", "seed"]).set_index(["cand", "seed"]).record
+        for c, r in zip(g.cand, g.record):
+            if first[(c, str(r.seed))] is not r:
+                notes.append(f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}"
+                             f": kept the first ({first[(c, str(r.seed))].path}), ignored {r.path}")
+        ranked = rank_candidates([Candidate(tuple((k, rs.iloc[0].settings.get(k)) for k in keys),
+                                            [float(r.data[metric]) for r in rs], [r.seed for r in rs], list(rs))
+                                  for _, rs in first.groupby(level="cand", sort=False)])
+        if len(nseeds := {len(c.seeds) for c in ranked}) > 1:
             notes.append(f"uneven: {ds} {method} {task}: candidates have {sorted(nseeds)} seeds")
         ov = _record_overrides(ranked[0].records[0])
-        exact = ov is not None
-        if ov is None:
-            ov = ([f"experiment={exp}"] if exp else []) + [f"method={method}", f"dataset={ds}/{task}"]
-        base = [o for o in ov if _override_key(o) not in keys
-                and not any(_override_key(o) == k or _override_key(o).startswith(k + ".") for k in _DROP_OVERRIDES)]
-        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, ranked[0], ranked, base, exact))
+        base = ov if ov is not None else ([f"experiment={exp}"] if exp else []) + [f"method={method}", f"dataset={ds}/{task}"]
+        base = [o for o in base if not any((k := o.lstrip("+~").split("=", 1)[0]) == d or k.startswith(d + ".")
+                                           for d in _DROP_OVERRIDES) and k not in keys]
+        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, ranked[0], ranked, base, ov is not None))
     return out
-
-
-def _std(xs: Sequence[float]) -> Optional[float]:
-    """Sample standard deviation (ddof=1); None for fewer than two values."""
-    s = pd.Series(xs, dtype=float).std(ddof=1)
-    return None if pd.isna(s) else float(s)
