@@ -15,7 +15,8 @@ trainable parameters) and ``<out>/proxy_acc_vs_params.png``.
 
 Learning rates: one per method, ``proxy_lr`` in configs/experiment/proxy.yaml, chosen by
 ``--tune``: protocol ``tune`` (fit train800, score val200) on TUNE_TASKS over each method's
-grid in LR_GRID; the best mean val accuracy wins. ``--tune`` rewrites that block and writes
+grid in LR_GRID (extended upward by ×3, up to EXTEND times, while the best is the largest lr
+tried); the best mean val accuracy wins. ``--tune`` rewrites that block and writes
 the whole grid to weights/proxy_tuning.json.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ TUNE_TASKS = ("textures", "count")  # one natural, one structured task
 # per-method grids: the head alone takes larger steps than the whole backbone
 LR_GRID = {"linear": (3e-3, 1e-2, 3e-2), "full": (1.5e-4, 5e-4, 1.5e-3)}
 PEFT_GRID = (1e-3, 3e-3, 1e-2)
+EXTEND = 2  # a best lr at the top of a grid gets up to two more points above it (×3 each)
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -120,12 +122,13 @@ def write_lrs(lrs: Dict[str, float]) -> None:
 
 
 def tune(methods: Sequence[str], out: Path, epochs: Optional[int], rerun: bool) -> Dict[str, float]:
-    grid = {m: LR_GRID.get(m, PEFT_GRID) for m in methods}
+    grid = {m: list(LR_GRID.get(m, PEFT_GRID)) for m in methods}
     total, k, t0 = sum(len(g) for g in grid.values()) * len(TUNE_TASKS), 0, time.time()
     table = {}
     for m in methods:
         table[m] = {}
-        for lr in grid[m]:
+        while grid[m]:
+            lr = grid[m].pop(0)
             accs = {}
             for task in TUNE_TASKS:
                 k += 1
@@ -135,6 +138,12 @@ def tune(methods: Sequence[str], out: Path, epochs: Optional[int], rerun: bool) 
                 print(f"[tune {k}/{total}] {m:12s} lr {lr:.1e} {task:12s} val {rec['val_acc']:6.2f}%  "
                       f"({time.time() - t0:.0f}s)", flush=True)
             table[m][f"{lr:g}"] = {**accs, "mean": sum(accs.values()) / len(accs)}
+            if not grid[m]:  # the best at the grid's largest lr: extend it by ×3 (at most EXTEND times)
+                tried = sorted(float(x) for x in table[m])
+                top = max(table[m], key=lambda x: table[m][x]["mean"])
+                if float(top) == tried[-1] and len(tried) < len(LR_GRID.get(m, PEFT_GRID)) + EXTEND:
+                    grid[m].append(float(f"{3 * tried[-1]:.3g}"))
+                    total += len(TUNE_TASKS)
     best = {m: float(max(rows, key=lambda lr: rows[lr]["mean"])) for m, rows in table.items()}
     lrs = {**current_lrs(), **best}
     write_lrs(lrs)

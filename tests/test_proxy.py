@@ -164,6 +164,30 @@ def test_untuned_method_is_refused_and_tuning_merges(tmp_path, monkeypatch):
     assert set(record["val_acc"]) == set(record["chosen"])
 
 
+def test_tuning_extends_the_grid_while_the_best_is_its_largest_lr(tmp_path, monkeypatch):
+    monkeypatch.setattr(proxy_benchmark, "EXPERIMENT", tmp_path / "proxy.yaml")
+    monkeypatch.setattr(proxy_benchmark, "TUNING_FILE", tmp_path / "proxy_tuning.json")
+    (tmp_path / "proxy.yaml").write_text("proxy_lr:  # BEGIN proxy_lr\n  other: 1.0e-03\n  # END proxy_lr\n")
+    tried = []
+
+    def fake_run(method, task, out_dir, protocol, overrides, rerun):
+        lr = float(overrides[0].split("=")[1])
+        tried.append(lr)
+        return {"val_acc": 50 - abs(torch.tensor(lr / peak).log().item())}
+
+    monkeypatch.setattr(proxy_benchmark, "run_one", fake_run)
+    peak = 0.2  # above the grid: two ×3 steps (3e-2, 9e-2), then it stops at the limit
+    assert proxy_benchmark.tune(["m"], tmp_path, None, False) == {"m": 0.09}
+    assert sorted(set(tried)) == [1e-3, 3e-3, 1e-2, 3e-2, 9e-2]
+    tried.clear()
+    peak = 0.02  # 3e-2 beats 1e-2 (closer in log scale), then 9e-2 loses: stops there
+    assert proxy_benchmark.tune(["m"], tmp_path, None, False) == {"m": 0.03}
+    tried.clear()
+    peak = 3e-3  # inside the grid: not extended
+    assert proxy_benchmark.tune(["m"], tmp_path, None, False) == {"m": 3e-3}
+    assert sorted(set(tried)) == [1e-3, 3e-3, 1e-2]
+
+
 @pytest.fixture(scope="module")
 def quick_subset(tmp_path_factory):
     """Every method on two structured tasks with the benchmark's recipe, its tuned learning rates
