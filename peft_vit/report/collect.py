@@ -1,26 +1,16 @@
-"""Read and validate many ``results.json`` run records, group them into table rows, and select
-hyper-parameters.
+"""Read many ``results.json`` run records (:class:`peft_vit.record.RunRecord` defines and
+validates them; a malformed one is skipped and named in :attr:`Collection.issues`), group them
+into table rows, and select hyper-parameters.
 
-The record is written by the training loop (``peft_vit/engine/loop.py``), one per run, and
-read through :class:`peft_vit.record.RunRecord`, which defines and validates it; a malformed
-one is skipped and named, with its path, in :attr:`Collection.issues`
-(``scripts/make_table.py --strict`` refuses instead).
-
-Views
------
-A *view* is one way of reading an accuracy out of a record. A row holds a single view, so
-protocols never mix within a row: ``final/last-epoch`` (final, ``test_acc``),
-``final/max-over-epochs (selects on test)`` (final, ``best_acc_over_epochs``) and
-``tune/val`` (tune, ``val_acc``).
-
-Duplicates and variants
------------------------
-Records are grouped into rows by (dataset, method, backbone, experiment, view). Within a row,
-two records of the same task and seed are a *duplicate* when their configs agree after
-dropping :data:`IGNORED_CONFIG_KEYS` (the last in path order is kept: Hydra's timestamped run
-directories sort oldest first; every duplicate is reported), and a *conflict* otherwise: the
-differing config keys become part of the row (a *variant*, ``optim.lr=0.001``), so different
-settings are never averaged together.
+* A *view* is one way of reading an accuracy out of a record, and a row holds one view, so
+  protocols never mix: ``final/last-epoch`` (final, ``test_acc``), ``final/max-over-epochs
+  (selects on test)`` (final, ``best_acc_over_epochs``), ``tune/val`` (tune, ``val_acc``).
+* Rows are (dataset, method, backbone, experiment, view). Two records of a row with the same
+  task and seed are a *duplicate* when their configs agree after dropping
+  :data:`IGNORED_CONFIG_KEYS` (the last in path order is kept: Hydra's timestamped run
+  directories sort oldest first; each is reported), and otherwise a *conflict*: the differing
+  keys become part of the row (a *variant*, ``optim.lr=0.001``), never averaged together.
+* Selection reads tune runs on val200 only; anything that could select on test is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,14 +36,7 @@ METHOD_ORDER = ["linear", "full", "bitfit", "vpt_deep", "adapter", "adaptformer"
                 "vera", "fact_tk", "ssf", "kadaptation", "rlrr", "householder"]
 
 
-@dataclass(frozen=True)
-class View:
-    key: str
-    label: str
-    protocol: str
-    field: str
-
-
+View = namedtuple("View", "key label protocol field")  # field: the record's accuracy
 VIEWS: Dict[str, View] = {
     "last": View("last", "final/last-epoch", "final", "test_acc"),
     "max": View("max", "final/max-over-epochs (selects on test)", "final", "best_acc_over_epochs"),
@@ -102,12 +86,11 @@ class Record:
     file: Optional[Path] = None
     settings: Dict[str, Any] = field(default_factory=dict)  # the config as settings_of gives it
 
-    method = property(lambda self: self.run.method)
-    dataset = property(lambda self: self.run.dataset)
-    task = property(lambda self: self.run.task)
-    protocol = property(lambda self: self.run.protocol)
-    seed = property(lambda self: self.run.seed)
-    experiment = property(lambda self: self.run.experiment)
+    def __getattr__(self, name: str):
+        if name in ("method", "dataset", "task", "protocol", "seed", "experiment"):
+            return getattr(self.run, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     config = property(lambda self: self.run.config or {})
     backbone = property(lambda self: str(_get(self.config, "model.name") or DEFAULT_BACKBONE))
 
@@ -135,24 +118,15 @@ class Collection:
     issues: List[str] = field(default_factory=list)   # unreadable or malformed files, skipped
 
 
-def find_results(paths: Sequence[os.PathLike]) -> List[Tuple[Path, Path]]:
-    """(root, file) for every results.json under the given dirs (or given directly), sorted."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_file():
-            out.append((p.parent, p))
-        elif p.is_dir():
-            out.extend((p, f) for f in sorted(p.rglob(RESULTS)))
-        else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
-    return out
-
-
 def load_records(paths: Sequence[os.PathLike]) -> Collection:
-    """Every valid results.json under ``paths`` (recursively), sorted by path. An unreadable or
-    malformed file is skipped and named in ``issues``."""
-    recs, issues, seen = [], [], set()
-    for root, f in find_results(paths):
+    """Every valid results.json under ``paths`` (directories, searched recursively, or files), sorted
+    by path. An unreadable or malformed file is skipped and named in ``issues``."""
+    recs, issues, seen, found = [], [], set(), []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory")
+        found += [(p.parent, p)] if p.is_file() else [(p, f) for f in sorted(p.rglob(RESULTS))]
+    for root, f in found:
         if f.resolve() in seen:
             continue
         seen.add(f.resolve())
