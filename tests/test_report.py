@@ -245,13 +245,13 @@ def test_make_table_cli(results, tmp_path, capsys):
 
 def test_benchmarks_follow_the_registries():
     """Task order, groups and heads come from peft_vit.data.{vtab,fgvc}, which follow docs/REFERENCE.md §2/§3."""
-    from peft_vit.report.tables import fgvc_benchmark, vtab_benchmark
+    from peft_vit.report.tables import benchmark_for
 
-    v = vtab_benchmark()
+    v = benchmark_for("vtab")
     assert v.tasks == list(VTAB_CLASSES)
     assert {g: len(ts) for g, ts in v.groups.items()} == {"natural": 7, "specialized": 4, "structured": 8}
     assert v.head_m == pytest.approx(769 * 940 / 19 / 1e6) and v.mean_title == "mean19"
-    f = fgvc_benchmark()
+    f = benchmark_for("fgvc")
     assert f.tasks == list(FGVC_CLASSES) and f.head_m == pytest.approx(769 * 1173 / 5 / 1e6)
 
 

@@ -13,9 +13,8 @@ the trainable parameters with and without the head (millions, averaged over task
 * ``--paper`` adds the published rows (``paper_results.yaml``) and, below each of our rows
   of the same method and backbone, the difference ours − paper.
 
-A :class:`Table` is two frames with one row per table row: ``rows`` (what the row is) and
-``cells`` (per column key ``k``: ``k`` the mean, ``k_std``, ``k_n`` its seeds or, for a mean,
-the tasks present), which are the CSV's columns.
+A :class:`Table` is two frames, one line per table row: ``rows`` (what it is) and ``cells``
+(per column ``k``: ``k`` the mean, ``k_std``, ``k_n`` the seeds or tasks present; the CSV's).
 """
 from __future__ import annotations
 
@@ -91,14 +90,6 @@ def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
         return Benchmark(dataset, "Proxy benchmark", list(reg), groups, "mean", classes, "proxy ViT (32 px, width 96)")
     title, mean_title = ("VTAB-1k", f"mean{len(reg)}") if dataset == "vtab" else ("FGVC", "mean")
     return Benchmark(dataset, title, list(reg), groups, mean_title, classes)
-
-
-def vtab_benchmark() -> Benchmark:
-    return benchmark_for("vtab")
-
-
-def fgvc_benchmark() -> Benchmark:
-    return benchmark_for("fgvc")
 
 
 # --------------------------------------------------------------------------- cells
@@ -192,15 +183,11 @@ def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> tuple:
 
 
 def diff_row(ours: pd.Series, oc: pd.Series, pc: pd.Series, paper: pd.Series):
-    """ours − paper, cell by cell; a mean ours lacks keeps its ``incomplete`` count."""
+    """ours − paper, cell by cell, without a std; the counts stay ours (an incomplete mean's too)."""
     row = ours.copy()
-    row[["kind", "protocol", "experiment"]] = ["diff", f"Δ {ours.protocol} − paper",
-                                               f"{ours.experiment or '—'} − {paper.experiment}"]
-    row[["params_head", "params_no_head", "partial"]] = [math.nan, math.nan, False]
-    cells = oc - pc
-    cells[[k for k in oc.index if k.endswith("_std")]] = math.nan
-    cells[[k for k in oc.index if k.endswith("_n")]] = oc[[k for k in oc.index if k.endswith("_n")]]
-    return row, cells
+    row[["kind", "protocol", "experiment", "params_head", "params_no_head", "partial"]] = [
+        "diff", f"Δ {ours.protocol} − paper", f"{ours.experiment or '—'} − {paper.experiment}", math.nan, math.nan, False]
+    return row, (oc - pc).mask(oc.index.str.endswith("_std")).where(~oc.index.str.endswith("_n"), oc)
 
 
 # --------------------------------------------------------------------------- build
