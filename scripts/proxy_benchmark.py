@@ -61,6 +61,7 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     from omegaconf import open_dict
 
     from peft_vit.engine.loop import run
+    from peft_vit.engine.rundir import config_diff, fingerprint, record_config, result_config
     from peft_vit.record import RESULTS, RunContext, RunRecord
 
     from peft_vit.data.proxy import get_task, write_task
@@ -81,7 +82,12 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     stamp = write_task(get_task(task), cfg.dataset.root, int(cfg.dataset.seed)) / "proxy.json"
     result = out_dir / RESULTS
     if result.exists() and not rerun and result.stat().st_mtime_ns > stamp.stat().st_mtime_ns:
-        return RunRecord.read(result).to_dict()
+        old = RunRecord.read(result).to_dict()
+        stored = record_config(old)
+        if stored is not None and fingerprint(stored) == fingerprint(result_config(cfg)):
+            return old  # the same run, done before; another config (e.g. a re-tuned lr) is redone
+        print(f"[proxy] {result}: made by another configuration "
+              f"({'; '.join(config_diff(stored or {}, result_config(cfg), limit=3))}); running again", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return run(cfg, RunContext(out_dir, "proxy", None, tuple(args))).to_dict()
 
