@@ -128,53 +128,53 @@ def test_fgvc_table_matches_golden(results):
 
 
 def _row(t, method, protocol, kind="ours"):
-    """(row, cells) of the one table row of ``method``, ``protocol`` and ``kind``."""
-    i = t.rows.index[(t.rows.method == method) & (t.rows.protocol == protocol) & (t.rows.kind == kind)]
-    assert len(i) == 1, t.rows[["label", "protocol"]]
-    return t.rows.loc[i[0]], t.cells.loc[i[0]]
+    """The one table row of ``method``, ``protocol`` and ``kind``."""
+    rows = t.rows[(t.rows.method == method) & (t.rows.protocol == protocol) & (t.rows.kind == kind)]
+    assert len(rows) == 1, t.rows[["label", "protocol"]]
+    return rows.iloc[0]
 
 
 def test_table_semantics(results):
     col = load_records([results])
     t = build_table(col.records, "vtab")
     tasks = list(vtab_tasks())
-    lora, cells = _row(t, "lora", "final/last-epoch")
+    lora = _row(t, "lora", "final/last-epoch")
     # mean ± std over seeds; the duplicate (99.0) is not counted
-    assert cells["cifar"] == pytest.approx(60.25) and cells["cifar_n"] == 2
-    assert cells["cifar_std"] == pytest.approx(0.3535534, abs=1e-6)
-    assert cells["mean"] == pytest.approx(60.25 + 9)
+    assert lora["cifar"] == pytest.approx(60.25) and lora["cifar_n"] == 2
+    assert lora["cifar_std"] == pytest.approx(0.3535534, abs=1e-6)
+    assert lora["mean"] == pytest.approx(60.25 + 9)
     assert any(n.startswith("duplicate: vtab lora task=cifar seed=0") and "ignored a_earlier" in n for n in t.notes)
     # both protocols, never mixed: the max-over-epochs row is its own row
-    _, lmax = _row(t, "lora", "final/max-over-epochs (selects on test)")
+    lmax = _row(t, "lora", "final/max-over-epochs (selects on test)")
     assert lmax["cifar"] == pytest.approx(61.5)
     # mean of group means (NOAH's) and the plain mean (HTA/RLRR's)
     g = {grp: [i for i, x in enumerate(tasks) if vtab_tasks()[x] == grp] for grp in ("natural", "specialized", "structured")}
     gm = [sum(60.25 + i for i in ix) / len(ix) for ix in g.values()]
-    assert cells["mean_of_groups"] == pytest.approx(sum(gm) / 3)
+    assert lora["mean_of_groups"] == pytest.approx(sum(gm) / 3)
     # params: averaged over tasks, with and without head
     assert lora.params_no_head == pytest.approx(0.294912)
     assert lora.params_head == pytest.approx(0.294912 + 769 * 940 / 19 / 1e6)
     # a cell with fewer seeds is marked, and the means over it carry no std
-    _, hta = _row(t, "householder", "final/last-epoch")
+    hta = _row(t, "householder", "final/last-epoch")
     assert hta["svhn_n"] == 1 and hta["cifar_n"] == 2 and f"| {hta['svhn']:.2f} (n=1) |" in to_markdown(t)
     assert pd.isna(hta["natural_std"]) and pd.notna(hta["structured_std"])
     # incomplete: blanks and no silent average
-    rlrr, rcells = _row(t, "rlrr", "final/last-epoch")
-    assert pd.isna(rcells["dtd"]) and rcells["dtd_n"] == 0
-    assert pd.isna(rcells["mean"]) and rcells["mean_n"] == 13 and len(t.benchmark.spans["mean"]) == 19
+    rlrr = _row(t, "rlrr", "final/last-epoch")
+    assert pd.isna(rlrr["dtd"]) and rlrr["dtd_n"] == 0
+    assert pd.isna(rlrr["mean"]) and rlrr["mean_n"] == 13 and len(t.benchmark.spans["mean"]) == 19
     assert rlrr.partial
     assert "incomplete (13/19)" in to_markdown(t)
     # tune rows stay apart
-    tune, tcells = _row(t, "lora", "tune/val")
-    assert tune.experiment == "vtab_honest" and tcells[["cifar", "caltech101", "dtd"]].notna().all()
+    tune = _row(t, "lora", "tune/val")
+    assert tune.experiment == "vtab_honest" and tune[["cifar", "caltech101", "dtd"]].notna().all()
 
 
 def test_paper_rows_and_diff(results):
     col = load_records([results])
     t = build_table(col.records, "vtab", paper=True)
-    p, _ = _row(t, "lora", "paper: max test acc over epochs", kind="paper")
+    p = _row(t, "lora", "paper: max test acc over epochs", kind="paper")
     assert p.experiment == "NOAH T1" and p.params_no_head == pytest.approx(0.29) and pd.isna(p.params_head)
-    _, d = _row(t, "lora", "Δ final/max-over-epochs (selects on test) − paper", kind="diff")
+    d = _row(t, "lora", "Δ final/max-over-epochs (selects on test) − paper", kind="diff")
     assert d["cifar"] == pytest.approx(61.5 - 67.1)
     assert not any((t.rows.kind == "diff") & t.rows.protocol.str.contains("tune"))
     # paper rows without any of ours are still listed (Full, Linear, Adapter, the * rows)

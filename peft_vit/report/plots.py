@@ -67,7 +67,7 @@ def accuracy_vs_params_data(table: Table, protocols: Optional[Iterable[str]] = N
     b = table.benchmark
     protocols = set(protocols) if protocols is not None else None
     points, skipped = [], []
-    for (_, row), mean in zip(table.rows.iterrows(), table.cells["mean"]):
+    for (_, row), mean in zip(table.rows.iterrows(), table.rows["mean"]):
         if row.kind == "diff" or (protocols is not None and row.protocol not in protocols):
             continue
         label = (row.label + (f" ({row.experiment})" if row.experiment else "")) if row.kind == "ours" \

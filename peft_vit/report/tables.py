@@ -13,8 +13,8 @@ the trainable parameters with and without the head (millions, averaged over task
 * ``--paper`` adds the published rows (``paper_results.yaml``) and, below each of our rows
   of the same method and backbone, the difference ours − paper.
 
-A :class:`Table` is two frames, one line per table row: ``rows`` (what it is) and ``cells``
-(per column ``k``: ``k`` the mean, ``k_std``, ``k_n`` the seeds or tasks present; the CSV's).
+A :class:`Table` is one frame, a line per table row: what the row is (:data:`META`), then per
+column ``k``: ``k`` the mean, ``k_std``, ``k_n`` the seeds or tasks present (the CSV's columns).
 """
 from __future__ import annotations
 
@@ -80,7 +80,10 @@ def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
     """Task order, groups and class counts from the registry; other datasets: their tasks found."""
     reg = _registry(dataset)
     if not reg:
-        return Benchmark(dataset, dataset, sorted({r.task for r in records if r.dataset == dataset}), {}, "mean")
+        tasks = sorted({r.task for r in records if r.dataset == dataset})
+        if clash := sorted(set(tasks) & set(META)):
+            raise ValueError(f"{dataset}: the task names {clash} are table columns; rename these tasks")
+        return Benchmark(dataset, dataset, tasks, {}, "mean")
     groups: Dict[str, List[str]] = {}
     for t, spec in reg.items():
         if getattr(spec, "group", None):
@@ -103,8 +106,7 @@ META = ["kind", "method", "label", "backbone", "protocol", "experiment", "varian
 @dataclass
 class Table:
     benchmark: Benchmark
-    rows: pd.DataFrame    # META
-    cells: pd.DataFrame   # per column key k: k (the mean), k_std, k_n
+    rows: pd.DataFrame    # META, then per column key k: k (the mean), k_std, k_n
     notes: List[str]
 
 
@@ -137,8 +139,8 @@ def _seed_sort(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
-def our_rows(long: pd.DataFrame, b: Benchmark) -> tuple:
-    """(rows, cells) of our measurements (:func:`.collect.group_rows`)."""
+def our_rows(long: pd.DataFrame, b: Benchmark) -> pd.DataFrame:
+    """The rows of our measurements (:func:`.collect.group_rows`)."""
     g = long.groupby("row")
     rows = g[["method", "label", "backbone", "experiment", "variant"]].first()
     rows.insert(0, "kind", "ours")
@@ -154,7 +156,7 @@ def our_rows(long: pd.DataFrame, b: Benchmark) -> tuple:
     rows["params_no_head"] = params.params_no_head.mask(rows.index.isin(p.row[p.params_no_head.isna()]))  # a run without it: none
     rows["partial"] = per_task.groupby(level="row").size().reindex(rows.index, fill_value=len(b.tasks)) < len(b.tasks)
     rows["printed"], rows["head_known"] = False, True
-    return rows, cells_of(long, b, rows.index)
+    return rows[META].join(cells_of(long, b, rows.index))
 
 
 # --------------------------------------------------------------------------- paper rows
@@ -165,8 +167,8 @@ def load_paper(path: Path = PAPER_FILE) -> Dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> tuple:
-    """(rows, cells) of the published results of a benchmark: the printed parameter count goes in
+def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> pd.DataFrame:
+    """The rows of the published results of a benchmark: the printed parameter count goes in
     the column it matches (``params_include_head``; unknown: with the head, marked)."""
     paper = paper if paper is not None else load_paper()
     ps = paper.get(b.name) or []
@@ -179,15 +181,16 @@ def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> tuple:
                          for p in ps], index=pd.RangeIndex(len(ps)), columns=META)
     long = pd.DataFrame([(i, t, "paper", float(v)) for i, p in enumerate(ps) for t, v in p["acc"].items()],
                         columns=["row", "task", "seed", "value"])
-    return rows, cells_of(long, b, rows.index)
+    return rows.join(cells_of(long, b, rows.index))
 
 
-def diff_row(ours: pd.Series, oc: pd.Series, pc: pd.Series, paper: pd.Series):
+def diff_row(ours: pd.Series, paper: pd.Series) -> pd.Series:
     """ours − paper, cell by cell, without a std; the counts stay ours (an incomplete mean's too)."""
-    row = ours.copy()
+    row, c = ours.copy(), ours.index[len(META):]
     row[["kind", "protocol", "experiment", "params_head", "params_no_head", "partial"]] = [
         "diff", f"Δ {ours.protocol} − paper", f"{ours.experiment or '—'} − {paper.experiment}", math.nan, math.nan, False]
-    return row, (oc - pc).mask(oc.index.str.endswith("_std")).where(~oc.index.str.endswith("_n"), oc)
+    row[c] = (ours[c] - paper[c]).mask(c.str.endswith("_std")).where(~c.str.endswith("_n"), ours[c])
+    return row
 
 
 # --------------------------------------------------------------------------- build
@@ -218,26 +221,22 @@ def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequenc
         if unknown := sorted(set(g.task) - set(b.tasks)):
             notes.append(f"ignored tasks not in {b.title}: {', '.join(unknown)} ({g.label.iloc[0]}, "
                          f"{VIEWS[g.view.iloc[0]].label})")
-    rows, cells = our_rows(long, b)
-    for i, r in rows.iterrows():
-        if cells.loc[i, [k for k in list(b.spans)[len(b.tasks):]]].isna().any():
+    rows = our_rows(long, b)
+    for _, r in rows.iterrows():
+        if r[list(b.spans)[len(b.tasks):]].isna().any():
             notes.append(f"incomplete: {r.label} {r.protocol} {r.experiment}".rstrip()
-                         + f": missing {', '.join(t for t in b.tasks if cells.at[i, t + '_n'] == 0)}")
+                         + f": missing {', '.join(t for t in b.tasks if r[t + '_n'] == 0)}")
     if paper:
-        prows, pcells = paper_rows(b, paper_data)
-        first = prows.drop_duplicates(["method", "backbone"])
-        order = sorted(set(zip(rows.method, rows.backbone)) | set(zip(first.method, first.backbone)),
-                       key=lambda k: (method_rank(k[0]), k[1] != DEFAULT_BACKBONE, k[1]))
+        pub = paper_rows(b, paper_data).drop_duplicates(["method", "backbone"])  # one per method and backbone
         out = []
-        for m, bb in order:
-            p = first[(first.method == m) & (first.backbone == bb)].index
-            out += [(prows.loc[i], pcells.loc[i]) for i in p]
-            for i in rows.index[(rows.method == m) & (rows.backbone == bb)]:
-                out.append((rows.loc[i], cells.loc[i]))
-                if len(p) and not rows.at[i, "protocol"].startswith("tune"):
-                    out.append(diff_row(rows.loc[i], cells.loc[i], pcells.loc[p[0]], prows.loc[p[0]]))
-        rows, cells = (pd.DataFrame([x[j] for x in out], columns=f.columns) for j, f in enumerate((rows, cells)))
-    return Table(b, rows[META].reset_index(drop=True), cells.reset_index(drop=True), notes)
+        for m, bb in sorted(set(zip(rows.method, rows.backbone)) | set(zip(pub.method, pub.backbone)),
+                            key=lambda k: (method_rank(k[0]), k[1] != DEFAULT_BACKBONE, k[1])):
+            p = [r for _, r in pub[(pub.method == m) & (pub.backbone == bb)].iterrows()]
+            out += p
+            for _, r in rows[(rows.method == m) & (rows.backbone == bb)].iterrows():
+                out += [r, diff_row(r, p[0])] if p and not r.protocol.startswith("tune") else [r]
+        rows = pd.DataFrame(out, columns=rows.columns).infer_objects()
+    return Table(b, rows.reset_index(drop=True), notes)
 
 
 # --------------------------------------------------------------------------- render
@@ -246,8 +245,8 @@ HEADER = ["method", "protocol", "experiment"]
 PARAMS_HEADER = ["params M (+head)", "params M (no head)"]
 
 
-def _cell_text(row: pd.Series, cells: pd.Series, key: str, span: List[str], most: int, tex: bool) -> str:
-    m, sd, n, task = cells[key], cells[f"{key}_std"], cells[f"{key}_n"], len(span) == 1 and span[0] == key
+def _cell_text(row: pd.Series, key: str, span: List[str], most: int, tex: bool) -> str:
+    m, sd, n, task = row[key], row[f"{key}_std"], row[f"{key}_n"], len(span) == 1 and span[0] == key
     if pd.isna(m):
         return "" if task else f"incomplete ({int(n)}/{len(span)})"
     s = f"{m:{'+' if row.kind == 'diff' else ''}.{1 if task and row.kind == 'paper' else 2}f}"
@@ -272,9 +271,9 @@ def _texts(t: Table, tex: bool) -> List[List[str]]:
     """Each row's texts: the leading columns and parameters escaped for the format, the cells in it."""
     esc = tex_escape if tex else (lambda x: x.replace("|", "\\|").replace("*", "\\*"))
     out, prev = [], None
-    for i, row in t.rows.iterrows():
-        most = max([t.cells.at[i, f"{k}_n"] for k in t.benchmark.tasks], default=0)
-        cells = [_cell_text(row, t.cells.loc[i], k, s, most, tex) for k, s in t.benchmark.spans.items()]
+    for _, row in t.rows.iterrows():
+        most = max([row[f"{k}_n"] for k in t.benchmark.tasks], default=0)
+        cells = [_cell_text(row, k, s, most, tex) for k, s in t.benchmark.spans.items()]
         lead = [esc(row.label), esc(row.protocol), esc(row.experiment)]
         if row.kind == "paper":
             lead[0] = rf"\textit{{{lead[0]}}}" if tex else f"*{lead[0]}*"
@@ -304,7 +303,8 @@ def to_markdown(t: Table) -> str:
 
 
 def to_csv(t: Table) -> str:
-    r, c, b = t.rows, t.cells, t.benchmark
+    r = c = t.rows
+    b = t.benchmark
     out = r[["kind", "method", "backbone", "variant", "protocol", "experiment", "seeds"]].copy()
     for k in b.spans:
         out[k], out[f"{k}_std"] = c[k], c[f"{k}_std"]
