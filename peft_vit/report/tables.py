@@ -98,9 +98,9 @@ def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
 # --------------------------------------------------------------------------- cells
 
 # what a table row is: ours | paper | diff, ..., the parameters (M) with and without the head, whether
-# they are averaged over the tasks present only, printed by a paper, and known to include the head
+# they are averaged over the tasks present only, and known to include the head (a paper's count)
 META = ["kind", "method", "label", "backbone", "protocol", "experiment", "variant", "seeds", "params_head",
-        "params_no_head", "partial", "printed", "head_known"]
+        "params_no_head", "partial", "head_known"]
 
 
 @dataclass
@@ -155,7 +155,7 @@ def our_rows(long: pd.DataFrame, b: Benchmark) -> pd.DataFrame:
     rows["params_head"] = params.params
     rows["params_no_head"] = params.params_no_head.mask(rows.index.isin(p.row[p.params_no_head.isna()]))  # a run without it: none
     rows["partial"] = per_task.groupby(level="row").size().reindex(rows.index, fill_value=len(b.tasks)) < len(b.tasks)
-    rows["printed"], rows["head_known"] = False, True
+    rows["head_known"] = True
     return rows[META].join(cells_of(long, b, rows.index))
 
 
@@ -177,7 +177,7 @@ def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> pd.DataF
                               protocol=paper.get("protocol", PAPER_PROTOCOL), seeds="",
                               params_head=math.nan if p.get("params_include_head") is False else float(p["params_m"]),
                               params_no_head=float(p["params_m"]) if p.get("params_include_head") is False else math.nan,
-                              partial=False, printed=True, head_known=p.get("params_include_head") is not None)
+                              partial=False, head_known=p.get("params_include_head") is not None)
                          for p in ps], index=pd.RangeIndex(len(ps)), columns=META)
     long = pd.DataFrame([(i, t, "paper", float(v)) for i, p in enumerate(ps) for t, v in p["acc"].items()],
                         columns=["row", "task", "seed", "value"])
@@ -262,7 +262,7 @@ def _params_text(row: pd.Series, head: bool) -> str:
     v = row.params_head if head else row.params_no_head
     if pd.isna(v):
         return ""
-    if row.printed:
+    if row.kind == "paper":  # the printed count
         return f"{v:.2f}" + ("?" if head and not row.head_known else "")
     return f"{v:.3f}" + ("†" if row.partial else "")
 
