@@ -168,18 +168,24 @@ def tune(methods: Sequence[str], out: Path, epochs: Optional[int], rerun: bool) 
 
 # ------------------------------------------------------------------------------ table and plot
 
-def collect(out: Path):
-    """One row per (method, task) from ``<out>/final/**/results.json``."""
+# where benchmark() writes each protocol's runs (the tuning grid has its own "tune" folder)
+RUN_DIRS = {"final": "final", "tune": "val"}
+
+
+def collect(out: Path, protocol: str = "final"):
+    """One row per (method, task) from ``<out>/final/**/results.json`` (test accuracy), or
+    ``<out>/val/**`` (protocol tune: val accuracy)."""
     import pandas as pd
 
     from peft_vit.record import RESULTS, RunRecord
 
     rows = []
-    for f in sorted((out / "final").rglob(RESULTS)):
+    for f in sorted((out / RUN_DIRS[protocol]).rglob(RESULTS)):
         r = RunRecord.read(f).to_dict()
-        if r.get("dataset") != "proxy":
+        if r.get("dataset") != "proxy" or r.get("protocol") != protocol:
             continue
-        rows.append({"method": r["method"], "task": r["task"], "acc": r["test_acc"], "seed": r["seed"],
+        acc = r["test_acc"] if protocol == "final" else r["val_acc"]
+        rows.append({"method": r["method"], "task": r["task"], "acc": acc, "seed": r["seed"],
                      "params": r["trainable_params"], "params_no_head": r["trainable_params_no_head"],
                      "total": r["total_params"], "wall_s": r["wall_time_s"]})
     return pd.DataFrame(rows)
@@ -249,13 +255,17 @@ def plot(table, path: Path) -> None:
 # ------------------------------------------------------------------------------ main
 
 def benchmark(methods: Sequence[str], tasks: Sequence[str], out: Path, overrides: Sequence[str] = (),
-              rerun: bool = False, seed: int = 0) -> List[Dict]:
+              rerun: bool = False, seed: int = 0, protocol: str = "final") -> List[Dict]:
+    """Every method on every task under ``<out>/final`` (protocol final: test accuracy) or
+    ``<out>/val`` (protocol tune: fit train800, val accuracy; the quick test)."""
     check_tuned(methods)
     records, n, t0 = [], len(methods) * len(tasks), time.time()
+    split, key = ("test", "test_acc") if protocol == "final" else ("val", "val_acc")
     for i, (task, m) in enumerate(((t, m) for t in tasks for m in methods), 1):
-        rec = run_one(m, task, out / "final" / m / task / f"seed{seed}", "final", [f"seed={seed}", *overrides], rerun)
+        rec = run_one(m, task, out / RUN_DIRS[protocol] / m / task / f"seed{seed}", protocol,
+                      [f"seed={seed}", *overrides], rerun)
         records.append(rec)
-        print(f"[{i}/{n}] {m:12s} {task:12s} test {rec['test_acc']:6.2f}%  lr {rec['config']['optim']['lr']:.1e}  "
+        print(f"[{i}/{n}] {m:12s} {task:12s} {split} {rec[key]:6.2f}%  lr {rec['config']['optim']['lr']:.1e}  "
               f"{rec['wall_time_s']:.0f}s  (total {time.time() - t0:.0f}s)", flush=True)
     return records
 
