@@ -330,7 +330,8 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
         first = g.drop_duplicates(["cand", "seed"]).set_index(["cand", "seed"]).record
         for c, r in zip(g.cand, g.record):
             if first[(c, str(r.seed))] is not r:
-                notes.append(f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}"
+                notes.append(f"duplicate: {ds} {method} {task} seed={r.seed} "
+                             f"{dict(zip(keys, map(r.settings.get, keys)))}"
                              f": kept the first ({first[(c, str(r.seed))].path}), ignored {r.path}")
         ranked = rank_candidates([Candidate(tuple((k, rs.iloc[0].settings.get(k)) for k in keys),
                                             [float(r.data[metric]) for r in rs], [r.seed for r in rs], list(rs))
@@ -338,8 +339,10 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
         if len(nseeds := {len(c.seeds) for c in ranked}) > 1:
             notes.append(f"uneven: {ds} {method} {task}: candidates have {sorted(nseeds)} seeds")
         ov = _record_overrides(ranked[0].records[0])
-        base = ov if ov is not None else ([f"experiment={exp}"] if exp else []) + [f"method={method}", f"dataset={ds}/{task}"]
+        base = ov if ov is not None else ([f"experiment={exp}"] if exp else []) + [f"method={method}",
+                                                                                    f"dataset={ds}/{task}"]
         base = [o for o in base if not any((k := o.lstrip("+~").split("=", 1)[0]) == d or k.startswith(d + ".")
                                            for d in _DROP_OVERRIDES) and k not in keys]
-        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, ranked[0], ranked, base, ov is not None))
+        out.append(Selection(method, ds, task, exp or None, backbone, metric, keys, ranked[0], ranked, base,
+                             ov is not None))
     return out

@@ -118,7 +118,8 @@ def cells_of(long: pd.DataFrame, b: Benchmark, rows: pd.Index) -> pd.DataFrame:
     long = long[long.task.isin(b.tasks)]
     st = long.groupby(["row", "task"]).value.agg(["mean", "std", "count"])  # std: ddof=1, NaN for one seed
     means, sd, n = (st[k].unstack("task").reindex(index=rows, columns=b.tasks) for k in st)
-    out = {k: v for t in b.tasks for k, v in ((t, means[t]), (f"{t}_std", sd[t]), (f"{t}_n", n[t].fillna(0).astype(int)))}
+    out = {k: v for t in b.tasks
+           for k, v in ((t, means[t]), (f"{t}_std", sd[t]), (f"{t}_n", n[t].fillna(0).astype(int)))}
     seeds = long.pivot(index=["row", "seed"], columns="task", values="value").reindex(columns=b.tasks)
     group_of = {t: g for g, ts in b.groups.items() for t in ts}
     for key, span in list(b.spans.items())[len(b.tasks):]:
@@ -130,7 +131,7 @@ def cells_of(long: pd.DataFrame, b: Benchmark, rows: pd.Index) -> pd.DataFrame:
         same = per_seed.notna().all(axis=1).groupby(level="row").agg(["all", "size"]).reindex(rows)
         std = agg(per_seed).groupby(level="row").std().reindex(rows)
         full = have == len(span)
-        out |= {key: agg(means).where(full), f"{key}_std": std.where(full & (same["all"] == True) & (same["size"] >= 2)),  # noqa: E712
+        out |= {key: agg(means).where(full), f"{key}_std": std.where(full & same["all"].eq(True) & same["size"].ge(2)),
                 f"{key}_n": have}
     return pd.DataFrame(out, index=rows)
 
@@ -153,7 +154,8 @@ def our_rows(long: pd.DataFrame, b: Benchmark) -> pd.DataFrame:
     per_task = p.groupby(["row", "task"])[["params", "params_no_head"]].mean()
     params = (per_task.groupby(level="row").mean() / 1e6).reindex(rows.index)
     rows["params_head"] = params.params
-    rows["params_no_head"] = params.params_no_head.mask(rows.index.isin(p.row[p.params_no_head.isna()]))  # a run without it: none
+    # a run without the count without head: no mean of it
+    rows["params_no_head"] = params.params_no_head.mask(rows.index.isin(p.row[p.params_no_head.isna()]))
     rows["partial"] = per_task.groupby(level="row").size().reindex(rows.index, fill_value=len(b.tasks)) < len(b.tasks)
     rows["head_known"] = True
     return rows[META].join(cells_of(long, b, rows.index))
@@ -175,8 +177,8 @@ def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> pd.DataF
     rows = pd.DataFrame([dict(kind="paper", method=p["method"], label=method_label(p["method"], p["backbone"]),
                               backbone=p["backbone"], experiment=p.get("cite") or p.get("source", ""), variant="",
                               protocol=paper.get("protocol", PAPER_PROTOCOL), seeds="",
-                              params_head=math.nan if p.get("params_include_head") is False else float(p["params_m"]),
-                              params_no_head=float(p["params_m"]) if p.get("params_include_head") is False else math.nan,
+                              params_head=math.nan if p.get("params_include_head") is False else p["params_m"],
+                              params_no_head=p["params_m"] if p.get("params_include_head") is False else math.nan,
                               partial=False, head_known=p.get("params_include_head") is not None)
                          for p in ps], index=pd.RangeIndex(len(ps)), columns=META)
     long = pd.DataFrame([(i, t, "paper", float(v)) for i, p in enumerate(ps) for t, v in p["acc"].items()],
@@ -188,7 +190,8 @@ def diff_row(ours: pd.Series, paper: pd.Series) -> pd.Series:
     """ours − paper, cell by cell, without a std; the counts stay ours (an incomplete mean's too)."""
     row, c = ours.copy(), ours.index[len(META):]
     row[["kind", "protocol", "experiment", "params_head", "params_no_head", "partial"]] = [
-        "diff", f"Δ {ours.protocol} − paper", f"{ours.experiment or '—'} − {paper.experiment}", math.nan, math.nan, False]
+        "diff", f"Δ {ours.protocol} − paper", f"{ours.experiment or '—'} − {paper.experiment}",
+        math.nan, math.nan, False]
     row[c] = (ours[c] - paper[c]).mask(c.str.endswith("_std")).where(~c.str.endswith("_n"), ours[c])
     return row
 
@@ -309,7 +312,8 @@ def to_csv(t: Table) -> str:
     for k in b.spans:
         out[k], out[f"{k}_std"] = c[k], c[f"{k}_std"]
         # a difference counts its seeds or tasks only where it has a value
-        out[f"{k}_n" if k in b.tasks else f"{k}_n_tasks"] = c[f"{k}_n"].where(c[k].notna() | (r.kind != "diff"), 0).astype(int)
+        n = c[f"{k}_n"].where(c[k].notna() | (r.kind != "diff"), 0)
+        out[f"{k}_n" if k in b.tasks else f"{k}_n_tasks"] = n.astype(int)
     out["params_m_with_head"], out["params_m_no_head"] = (r[k].map(lambda x: "" if pd.isna(x) else f"{x:.6f}")
                                                           for k in ("params_head", "params_no_head"))
     out["params_partial"], out["complete"] = (x.astype(bool).map({True: "true", False: "false"})
