@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         "seed": a.seed, "stages": records, "batch_size": a.batch_size, "lr": a.lr, "weight_decay": a.weight_decay,
         "warmup": a.warmup, "threads": a.threads, "init": a.init, "arch": ARCH, "normalize": NORMALIZE,
         "params": sum(p.numel() for p in model.parameters()), "classes": records[-1]["classes"],
+        "generator_version": proxy.VERSION,
         "held_out_top1": records[-1]["held_out_top1"],
         "train_seconds": round(sum(r["train_seconds"] for r in records), 1),
         "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads (shared with other jobs)",
