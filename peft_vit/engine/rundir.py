@@ -25,6 +25,9 @@ IGNORED = (
     "trainer.num_workers", "trainer.progress", "trainer.log_every_s", "trainer.resume",
     "trainer.checkpoint_every", "trainer.save_weights", "trainer.compile",
     "dataset.root", "dataset.cache_dir", "dataset.tfds_dir", "dataset.prepare_if_missing",
+    # a preset's lookup table (experiment=proxy's per-method learning rates): the run's own value
+    # is resolved into its key (optim.lr), which stays
+    "proxy_lr",
 )
 
 
