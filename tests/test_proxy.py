@@ -203,12 +203,25 @@ def quick_subset(tmp_path_factory):
     return table
 
 
+# Methods that do not beat the linear probe on this subset, with what was found (README, "Proxy
+# benchmark"): VPT-deep's prompts on a 6-block, 96-wide backbone with 16 patch tokens. Its tuned lr
+# is inside the grid; 1, 4 or 10 tokens, no prompt dropout and VPT-shallow score alike on count
+# (29-34 % val vs the probe's 31.5 %). Prompt tuning is known to need a large backbone (Lester et
+# al., 2021); on the full 10-epoch benchmark it is 2.1 points above the probe on the structured mean.
+WEAK_ON_PROXY = {"vpt_deep"}
+
+
 @pytest.mark.slow
 def test_quick_subset_peft_and_full_beat_linear_on_structured(quick_subset):
     acc = quick_subset["structured mean"]
     assert set(acc.index) == set(proxy_benchmark.registered_methods())
     # measured (README; val200, 3 epochs): linear 36.0, full 48.5, the PEFT methods 41.0 (vera) to 49.0
-    # (ssf), except vpt_deep, 35.8: below the linear probe
-    losers = {m: round(a, 1) for m, a in acc.items() if m != "linear" and not a > acc["linear"] + 2}
+    # (ssf), except vpt_deep, 35.8 (WEAK_ON_PROXY)
+    losers = {m: round(a, 1) for m, a in acc.items()
+              if m not in ("linear", *WEAK_ON_PROXY) and not a > acc["linear"] + 2}
     assert not losers, f"not 2 points above the linear probe ({acc['linear']:.1f}%) on {QUICK_TASKS}: {losers}"
+    for m in WEAK_ON_PROXY:  # it still learns (a broken method falls far below the probe) ...
+        assert acc[m] > acc["linear"] - 3, f"{m} {acc[m]:.1f}% far below the linear probe {acc['linear']:.1f}%"
+        # ... and the exception is lifted as soon as it is no longer needed
+        assert not acc[m] > acc["linear"] + 2, f"{m} now beats the linear probe: remove it from WEAK_ON_PROXY"
     assert acc["full"] > acc["linear"] + 10, f"full fine-tuning {acc['full']:.1f}% vs linear {acc['linear']:.1f}%"
