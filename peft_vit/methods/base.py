@@ -41,7 +41,7 @@ __all__ = [
     "Site", "register_method", "get_method", "adapt_linears", "insert_after", "insert_parallel",
     "replace_module", "merge", "ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched",
     "count_parameters", "NotMergeableError", "FUSED_BLOCKS", "default_no_weight_decay",
-    "block_names", "layer_index", "backbone_family", "UnsupportedBackboneError",
+    "block_names", "layer_index", "backbone_family", "UnsupportedBackboneError", "low_rank_output",
 ]
 
 METHODS: Dict[str, Type["Method"]] = {}
@@ -232,6 +232,19 @@ class BatchedDeltas(nn.Module):
 
     def forward_linear(self, lin: "AdaptedLinear", index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def low_rank_output(lin: "AdaptedLinear", x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                    input_dropout: Optional[nn.Module] = None, inner_dropout: Optional[nn.Module] = None
+                    ) -> torch.Tensor:
+    """``lin.base(x) + inner_dropout(input_dropout(x) @ left) @ right``, one ``addmm`` over the
+    flattened tokens: a Linear whose batched update is a product of two factors (fact_tk, vera)."""
+    if x.dtype != left.dtype:
+        left, right = left.to(x.dtype), right.to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    h = (x2 if input_dropout is None else input_dropout(x2)) @ left
+    y = torch.addmm(lin.base(x2), h if inner_dropout is None else inner_dropout(h), right)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _refresh_batched(model: nn.Module, args) -> None:

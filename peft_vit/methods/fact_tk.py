@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, PeftModule, UnsupportedBackboneError,
-                   adapt_linears, attach_batched, backbone_family, register_method)
+                   adapt_linears, attach_batched, backbone_family, low_rank_output, register_method)
 
 TARGETS = ("qkv", "o", "fc1", "fc2")  # whole Linears, in the official piece order
 
@@ -146,11 +146,7 @@ class FacTBatched(BatchedDeltas):
 
     def forward_linear(self, lin, index, x):
         q, r, dropout = self._cache[index]
-        if x.dtype != q.dtype:
-            q, r = q.to(x.dtype), r.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(lin.base(x2), dropout(x2 @ q), r)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return low_rank_output(lin, x, q, r, inner_dropout=dropout)
 
 
 @register_method("fact_tk")

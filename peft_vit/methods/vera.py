@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, attach_batched, block_onehot, register_method
+from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, attach_batched, block_onehot,
+                   low_rank_output, register_method)
 
 
 def kaiming_uniform(shape, generator: torch.Generator) -> torch.Tensor:
@@ -93,11 +94,7 @@ class VeRABatched(BatchedDeltas):
 
     def forward_linear(self, lin, index, x):
         a_t, m, dropout = self._cache[index]
-        if x.dtype != m.dtype:
-            a_t, m = a_t.to(x.dtype), m.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(lin.base(x2), dropout(x2) @ a_t, m)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return low_rank_output(lin, x, a_t, m, input_dropout=dropout)
 
 
 @register_method("vera")
