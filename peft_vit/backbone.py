@@ -102,12 +102,10 @@ def create_backbone(
     ``num_heads`` … for tiny test models).
     """
     overrides = dict(overrides or {})
-    try:
+    if overrides.get("fc_norm") and (pretrained or checkpoint):  # MAE's fine-tuning head
+        model = _with_fresh_fc_norm(name, num_classes, checkpoint, drop_path_rate, img_size, overrides)
+    else:
         model = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
-    except RuntimeError as e:  # a checkpoint without the fc_norm asked for (MAE's pretraining weights)
-        if not (overrides.get("fc_norm") and "fc_norm" in str(e)):
-            raise
-        model = _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides)
     check_img_size(model, name, img_size)
     if zero_head:
         head = model.get_classifier()
@@ -135,20 +133,27 @@ def _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size,
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _with_fresh_fc_norm(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
+def _with_fresh_fc_norm(name, num_classes, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
     """MAE's fine-tuning head (``global_pool: avg, fc_norm: true``): the patch tokens are averaged
     and normalised by a new LayerNorm, and the pretrained final ``norm`` is dropped (MAE's
     ``models_vit.py``; VPT's MAE backbone does the same). MAE's checkpoint holds ``norm`` and no
-    ``fc_norm``, so timm's strict load fails (a file with ``fc_norm`` loads as it is): load it
-    into the checkpoint's own architecture, then copy every tensor but ``norm.*`` into the
-    requested one, which must then lack only ``fc_norm.*`` (timm's init: weight 1, bias 0)."""
-    as_saved = {k: v for k, v in overrides.items() if k not in ("fc_norm", "global_pool")}
-    source = _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, as_saved)
-    model = _create(name, num_classes, False, None, drop_path_rate, img_size, overrides)
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("norm.", "head."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    odd = [k for k in missing if not k.startswith(("fc_norm.", "head."))] + list(unexpected)
-    if odd:
+    ``fc_norm``: the requested model is built once and the checkpoint read once by timm's
+    ``load_pretrained``, non-strict, and the load must then have left out only ``fc_norm.*`` (timm's
+    init: weight 1, bias 0) and the head, and found nothing but ``norm.*`` unused (a file that has
+    ``fc_norm``, as scripts/export_merged.py writes, loads whole)."""
+    from timm.models import load_pretrained
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    overlay = checkpoint_overlay(checkpoint) if checkpoint else _pretrained_source(name)
+    model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, num_classes=num_classes,
+                              drop_path_rate=drop_path_rate, img_size=img_size, **overrides)
+    loads: list = []
+    hook = model.register_load_state_dict_post_hook(lambda module, keys: loads.append(keys))
+    load_pretrained(model, num_classes=num_classes, filter_fn=checkpoint_filter_fn, strict=False)
+    hook.remove()
+    odd = [k for keys in loads for k in keys.missing_keys if not k.startswith(("fc_norm.", "head."))]
+    odd += [k for keys in loads for k in keys.unexpected_keys if not k.startswith("norm.")]
+    if len(loads) != 1 or odd:
         raise RuntimeError(f"{name}: model.overrides.fc_norm=true expects a checkpoint that differs only in its "
                            f"final norm; these tensors do not match: {odd[:5]}")
     return model

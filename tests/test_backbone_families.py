@@ -212,3 +212,7 @@ def test_mae_checkpoint_loads_into_the_average_pool_head(tmp_path):
     save_file(model.state_dict(), str(path))
     again = create_backbone(**dict(m, checkpoint=str(path)))
     assert torch.equal(again.fc_norm.weight, model.fc_norm.weight)
+    # anything else missing is refused, never left at its random init
+    save_file({k: v for k, v in sd.items() if k != "blocks.0.attn.qkv.weight"}, str(path))
+    with pytest.raises(RuntimeError, match="blocks.0.attn.qkv.weight"):
+        create_backbone(**dict(m, checkpoint=str(path)))
