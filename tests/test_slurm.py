@@ -159,7 +159,7 @@ def _job_dirs(sweep: Path):
 def test_slurm_sweep_runs_as_job_array(slurm_sweep, tmp_path):
     sweep, _, p = slurm_sweep
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    assert "all 4 jobs completed" in p.stdout + p.stderr
+    assert "4 of 4 jobs completed" in p.stdout + p.stderr and "submitted slurm job" in p.stdout + p.stderr
     check_sweep(sweep)
     # one array, tasks 0..3: submitit folders <array>_<task>, and SLURM accounting agrees
     dirs = [d for d in _job_dirs(sweep) if "_" in d]
@@ -182,7 +182,7 @@ def test_slurm_relaunch_runs_nothing(slurm_sweep):
     p = run(cmd, timeout=300)
     assert p.returncode == 0, p.stderr[-5000:]
     log = p.stdout + p.stderr
-    assert log.count("[skip: ") == 4 and "submitted job array" not in log, log[-3000:]
+    assert log.count("[skip: ") == 4 and "submitted slurm job" not in log, log[-3000:]
     assert {p: p.stat().st_mtime_ns for p in results(sweep)} == before
     assert _job_dirs(sweep) == dirs  # no job was submitted
 
@@ -238,7 +238,7 @@ def test_usr2_requeues_resumes_and_matches_uninterrupted(slurm_cluster, tmp_path
             if p is not None and p.poll() is None:
                 p.kill()
     assert relaunch.returncode == 0, out[-5000:]
-    assert f"as slurm job {job_id} (an earlier launch" in out and "submitted job" not in out, out[-3000:]
+    assert f"as slurm job {job_id} (an earlier launch" in out and "submitted slurm job" not in out, out[-3000:]
     assert _job_dirs(sweep) == [job_id]  # one job, never submitted twice
     assert ref.returncode == 0, ref_out[-3000:]
     text = log.read_text()

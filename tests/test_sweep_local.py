@@ -121,7 +121,7 @@ def local_sweep(tmp_path_factory, vtab_root):
 def test_local_sweep_2x2_completes_and_renders(local_sweep, tmp_path):
     sweep, _, p = local_sweep
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    assert "all 4 jobs completed" in p.stderr + p.stdout
+    assert "4 of 4 jobs completed" in p.stderr + p.stdout
     check_sweep(sweep)
     # each job ran in its own process (submitit folder per job)
     assert len([d for d in (sweep / ".submitit").iterdir() if d.name != "%j"]) == 4
