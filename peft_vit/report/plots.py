@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -195,10 +195,6 @@ def rank_definition(diag: Any) -> str:
     return "effective_rank (undefined by the record)"
 
 
-def _run(r: Union[Record, RunRecord]) -> RunRecord:
-    return r.run if isinstance(r, Record) else r
-
-
 def householder_groups(records: Sequence[Record], protocol: Optional[str] = "final") -> Dict[str, List[Record]]:
     """Householder records with diagnostics, grouped by (dataset, backbone, experiment, protocol)
     and by what their rank counts (:func:`rank_definition`; named in the group when it varies):
@@ -207,37 +203,36 @@ def householder_groups(records: Sequence[Record], protocol: Optional[str] = "fin
     for r in records:
         if r.method != "householder" or (protocol and r.protocol != protocol):
             continue
-        if not householder_entries(r.run.diagnostics):
+        if not householder_entries(r.diagnostics):
             continue
         mark = BACKBONE_MARKS.get(r.backbone)
         name = "_".join(x for x in (r.dataset, r.protocol, r.experiment or "",
                                     "augreg" if mark == "*" else (r.backbone if mark is None else "")) if x)
-        groups.setdefault((name, rank_definition(r.run.diagnostics)), []).append(r)
+        groups.setdefault((name, rank_definition(r.diagnostics)), []).append(r)
     names = [name for name, _ in groups]
     return dict(sorted((name if names.count(name) == 1 else f"{name}_{defn.split(':')[0]}", recs)
                        for (name, defn), recs in groups.items()))
 
 
-def householder_rank_data(records: Sequence[Union[Record, RunRecord]]) -> Dict[str, Any]:
+def householder_rank_data(records: Sequence[RunRecord]) -> Dict[str, Any]:
     """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
-    runs = [_run(r) for r in records]
-    df = pd.DataFrame([(r.task, layer, mat, rank) for r in runs for layer, mat, rank in householder_entries(r.diagnostics)],
+    df = pd.DataFrame([(r.task, layer, mat, rank) for r in records for layer, mat, rank in householder_entries(r.diagnostics)],
                       columns=["task", "layer", "matrix", "rank"])
     per_task = df.groupby(["task", "layer", "matrix"])["rank"].mean()
     grid = per_task.groupby(["layer", "matrix"]).agg(["mean", "count"]).unstack()
     mats = sorted(df["matrix"].unique(), key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
     mean = grid["mean"].reindex(columns=mats) if len(df) else pd.DataFrame()
     count = grid["count"].reindex(columns=mats).fillna(0).astype(int) if len(df) else pd.DataFrame()
-    full = {float(row["full_rank"]) for r in runs for row in r.diagnostics.get("per_matrix") or r.diagnostics.get("layers") or []
-            if isinstance(row, dict) and "full_rank" in row}
+    full = {float(row["full_rank"]) for r in records
+            for row in r.diagnostics.get("per_matrix") or r.diagnostics.get("layers") or [] if isinstance(row, dict) and "full_rank" in row}
     return {"tasks": sorted(df["task"].unique()), "n_records": len(records), "layers": mean.index.tolist(),
-            "matrices": mats, "effective_rank_is": sorted({rank_definition(r.diagnostics) for r in runs}),
+            "matrices": mats, "effective_rank_is": sorted({rank_definition(r.diagnostics) for r in records}),
             "mean_effective_rank": [[None if pd.isna(v) else round(v, 6) for v in row] for row in mean.values.tolist()],
             "n_tasks": count.values.tolist(), "full_rank": sorted(full) or None,
             "aggregation": "per task: mean over seeds; then mean over tasks"}
 
 
-def plot_householder_ranks(records: Sequence[Union[Record, RunRecord]], stem: Path, title: str = "",
+def plot_householder_ranks(records: Sequence[RunRecord], stem: Path, title: str = "",
                            formats: Sequence[str] = ("png", "pdf")) -> Dict[str, Any]:
     """Layer × matrix heatmap and per-matrix lines of the mean effective rank of HTA's H-term."""
     data = householder_rank_data(records)

@@ -37,19 +37,23 @@ HEAD_IN = 768 + 1  # a Linear(768, C) head: 769 parameters per class
 
 # --------------------------------------------------------------------------- benchmarks
 
+# per task registry (peft_vit.data.<name>): the table's title, the mean column's ({n}: the number of
+# tasks), and the backbone the title names
+BENCHMARKS = {"vtab": ("VTAB-1k", "mean{n}", "ViT-B/16"), "fgvc": ("FGVC", "mean", "ViT-B/16"),
+              "proxy": ("Proxy benchmark", "mean", "proxy ViT (32 px, width 96)")}
+
+
 @dataclass
 class Benchmark:
     name: str                           # dataset name in the records: vtab | fgvc | ...
     title: str
     tasks: List[str]
     groups: Dict[str, List[str]]        # ordered; empty when the benchmark has none
-    mean_title: str
+    mean_title: str = "mean"
     mean_classes: Optional[float] = None  # for the mean head size
     backbone: str = "ViT-B/16"          # named in the table's title
 
-    @property
-    def head_m(self) -> Optional[float]:
-        return None if self.mean_classes is None else HEAD_IN * self.mean_classes / 1e6
+    head_m = property(lambda self: None if self.mean_classes is None else HEAD_IN * self.mean_classes / 1e6)
 
     @property
     def spans(self) -> Dict[str, List[str]]:
@@ -59,47 +63,41 @@ class Benchmark:
 
     @property
     def titles(self) -> List[str]:
-        return [self.mean_title if k == "mean" else "mean of groups" if k == "mean_of_groups" else k
-                for k in self.spans]
-
-
-def _registry(dataset: str) -> Dict[str, Any]:
-    """The task registry a benchmark follows: ``peft_vit.data.vtab.TASKS``, ``.fgvc.DATASETS`` or
-    ``.proxy.TASKS`` (the proxy benchmark's generated tasks and their groups)."""
-    from ..data import fgvc, proxy, vtab
-
-    return {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS, "proxy": proxy.TASKS}.get(dataset, {})
-
-
-def vtab_tasks() -> Dict[str, str]:
-    """task -> group, in the papers' column order, from the task registry."""
-    return {t: spec.group for t, spec in _registry("vtab").items()}
+        return [{"mean": self.mean_title, "mean_of_groups": "mean of groups"}.get(k, k) for k in self.spans]
 
 
 def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
-    """Task order, groups and class counts from the registry; other datasets: their tasks found."""
-    reg = _registry(dataset)
+    """Task order, groups and class counts from the task registry (``peft_vit.data.vtab.TASKS``,
+    ``.fgvc.DATASETS``, ``.proxy.TASKS``); another dataset: the tasks its records have."""
+    from ..data import fgvc, proxy, vtab
+
+    reg = {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS, "proxy": proxy.TASKS}.get(dataset)
     if not reg:
         tasks = sorted({r.task for r in records if r.dataset == dataset})
         if clash := sorted(set(tasks) & set(META)):
             raise ValueError(f"{dataset}: the task names {clash} are table columns; rename these tasks")
-        return Benchmark(dataset, dataset, tasks, {}, "mean")
+        return Benchmark(dataset, dataset, tasks, {})
     groups: Dict[str, List[str]] = {}
     for t, spec in reg.items():
         if getattr(spec, "group", None):
             groups.setdefault(spec.group, []).append(t)
-    classes = sum(spec.num_classes for spec in reg.values()) / len(reg)
-    if dataset == "proxy":
-        return Benchmark(dataset, "Proxy benchmark", list(reg), groups, "mean", classes, "proxy ViT (32 px, width 96)")
-    title, mean_title = ("VTAB-1k", f"mean{len(reg)}") if dataset == "vtab" else ("FGVC", "mean")
-    return Benchmark(dataset, title, list(reg), groups, mean_title, classes)
+    title, mean_title, backbone = BENCHMARKS[dataset]
+    return Benchmark(dataset, title, list(reg), groups, mean_title.format(n=len(reg)),
+                     sum(spec.num_classes for spec in reg.values()) / len(reg), backbone)
+
+
+def vtab_tasks() -> Dict[str, str]:
+    """task -> group, in the papers' column order, from the task registry."""
+    from ..data import vtab
+
+    return {t: spec.group for t, spec in vtab.TASKS.items()}
 
 
 # --------------------------------------------------------------------------- cells
 
 # what a table row is: ours | paper | diff, ..., the parameters (M) with and without the head, whether
 # they are averaged over the tasks present only, and known to include the head (a paper's count)
-META = ["kind", "method", "label", "backbone", "protocol", "experiment", "variant", "seeds", "params_head",
+META = ["kind", "method", "label", "backbone", "variant", "protocol", "experiment", "seeds", "params_head",
         "params_no_head", "partial", "head_known"]
 
 
@@ -136,25 +134,20 @@ def cells_of(long: pd.DataFrame, b: Benchmark, rows: pd.Index) -> pd.DataFrame:
     return pd.DataFrame(out, index=rows)
 
 
-def _seed_sort(s: str):
-    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
-
-
 def our_rows(long: pd.DataFrame, b: Benchmark) -> pd.DataFrame:
     """The rows of our measurements (:func:`.collect.group_rows`)."""
-    g = long.groupby("row")
+    g, ok = long.groupby("row"), long[long.task.isin(b.tasks)]
     rows = g[["method", "label", "backbone", "experiment", "variant"]].first()
     rows.insert(0, "kind", "ours")
-    rows["protocol"] = g["view"].first().map(lambda v: VIEWS[v].label)
-    ok = long[long.task.isin(b.tasks)]
-    rows["seeds"] = ok.groupby("row").seed.agg(lambda s: ",".join(sorted(set(s), key=_seed_sort))).reindex(
-        rows.index, fill_value="")
-    # params: per task the mean over seeds, then the mean over the tasks present
+    rows["protocol"] = g.view.first().map(lambda v: VIEWS[v].label)
+    rows["seeds"] = ok.groupby("row").seed.agg(lambda s: ",".join(map(str, sorted(set(s))))).reindex(rows.index,
+                                                                                                   fill_value="")
+    # params: per task the mean over seeds, then the mean over the tasks present; a run without the
+    # count without head: no mean of it
     p = ok[ok.params.notna()]
     per_task = p.groupby(["row", "task"])[["params", "params_no_head"]].mean()
     params = (per_task.groupby(level="row").mean() / 1e6).reindex(rows.index)
     rows["params_head"] = params.params
-    # a run without the count without head: no mean of it
     rows["params_no_head"] = params.params_no_head.mask(rows.index.isin(p.row[p.params_no_head.isna()]))
     rows["partial"] = per_task.groupby(level="row").size().reindex(rows.index, fill_value=len(b.tasks)) < len(b.tasks)
     rows["head_known"] = True
@@ -306,19 +299,16 @@ def to_markdown(t: Table) -> str:
 
 
 def to_csv(t: Table) -> str:
-    r = c = t.rows
-    b = t.benchmark
-    out = r[["kind", "method", "backbone", "variant", "protocol", "experiment", "seeds"]].copy()
-    for k in b.spans:
-        out[k], out[f"{k}_std"] = c[k], c[f"{k}_std"]
-        # a difference counts its seeds or tasks only where it has a value
-        n = c[f"{k}_n"].where(c[k].notna() | (r.kind != "diff"), 0)
-        out[f"{k}_n" if k in b.tasks else f"{k}_n_tasks"] = n.astype(int)
-    out["params_m_with_head"], out["params_m_no_head"] = (r[k].map(lambda x: "" if pd.isna(x) else f"{x:.6f}")
-                                                          for k in ("params_head", "params_no_head"))
-    out["params_partial"], out["complete"] = (x.astype(bool).map({True: "true", False: "false"})
-                                              for x in (r.partial, c[list(b.spans)].notna().all(axis=1)))
-    return out.to_csv(index=False, float_format="%.4f", lineterminator="\n")
+    r, b = t.rows.copy(), t.benchmark
+    for k in b.spans:  # a difference counts its seeds or tasks only where it has a value
+        r[f"{k}_n"] = r[f"{k}_n"].where(r[k].notna() | (r.kind != "diff"), 0).astype(int)
+    for k, col in (("params_head", "params_m_with_head"), ("params_no_head", "params_m_no_head")):
+        r[col] = r[k].map(lambda x: "" if pd.isna(x) else f"{x:.6f}")
+    for x, col in ((r.partial, "params_partial"), (r[list(b.spans)].notna().all(axis=1), "complete")):
+        r[col] = x.astype(bool).astype(str).str.lower()
+    r = r.rename(columns={f"{k}_n": f"{k}_n_tasks" for k in list(b.spans)[len(b.tasks):]})
+    return r.drop(columns=["label", "params_head", "params_no_head", "partial", "head_known"]).to_csv(
+        index=False, float_format="%.4f", lineterminator="\n")
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
