@@ -1,13 +1,7 @@
 """peft_vit's sweep launchers (configs/hydra/launcher/{slurm,local}.yaml; docs/DESIGN.md, "Launchers"):
-hydra-submitit-launcher's SlurmLauncher and LocalLauncher, whose parameters, executor, numbering, job
-(``__call__``) and requeue (``checkpoint``) they keep, plus what they lack:
-
-* skip_done before submission (``rundir.skip_done``, the loop's own decision).
-* A bounded wait instead of ``job.results()``: the scheduler is polled every ``poll_s``; a job ended
-  or unknown without a result ``lost_after_s`` later fails (JobDiedError); a poll without an answer
-  is no news; ``max_wait_h`` bounds it all. SLURM: live jobs of an earlier launch are waited for,
-  not resubmitted. Local: ``array_parallelism`` jobs at a time.
-"""
+hydra-submitit-launcher's, with its parameters, executor, numbering, job (``__call__``) and requeue
+(``checkpoint``), plus skip_done before submission (``rundir.skip_done``, the loop's own decision) and
+a bounded wait instead of ``job.results()`` (``poll_s``, ``lost_after_s``, ``max_wait_h``: see judge)."""
 
 import dataclasses
 import logging
@@ -82,7 +76,7 @@ def judge(has_result: bool, answered: bool, state: Optional[str], gone_since: Op
         return "done", gone_since
     if not answered:
         return "alive", gone_since
-    if state and state.split()[0].upper() in ALIVE_STATES:
+    if state in ALIVE_STATES:
         return "alive", None
     if gone_since is None:
         return "alive", now
@@ -121,9 +115,6 @@ class _Bounded:
         slots = [_Slot(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         for s in slots:
             self._skip_done(s)
-        skipped = sum(s.result is not None and s.result.status == JobStatus.COMPLETED for s in slots)
-        if skipped:
-            log.info(f"skip_done: {skipped} of {len(slots)} jobs already have results")
         self._wait(slots, self._upstream_submission(slots) if any(s.result is None for s in slots) else None)
         failed = [s for s in slots if s.result.status != JobStatus.COMPLETED]  # type: ignore[union-attr]
         log.log(logging.ERROR if failed else logging.INFO, f"{len(slots) - len(failed)} of {len(slots)} jobs completed"
@@ -150,20 +141,19 @@ class _Bounded:
             log.debug(f"checking skip_done of {slot} in the launcher failed: {e}")
 
     def _upstream_submission(self, slots: List[_Slot]) -> Any:
-        """Upstream's launch with an executor that records each job's arguments (``slot.args``) instead
-        of submitting it; returns that executor."""
+        """Upstream's launch, its executor's map_array recording each job's arguments (``slot.args``)
+        instead of submitting it; returns that executor."""
         import submitit
 
         made: List[Any] = []
 
-        class Recording(submitit.AutoExecutor):
-            def map_array(self, fn: Any, *iterable: Any) -> List[Any]:
-                made.append(self)
-                for slot, args in zip(slots, zip(*iterable)):
-                    slot.args = args
-                return []
+        def record(executor: Any, fn: Any, *iterable: Any) -> List[Any]:
+            made.append(executor)
+            for slot, args in zip(slots, zip(*iterable)):
+                slot.args = args
+            return []
 
-        with mock.patch.object(submitit, "AutoExecutor", Recording):
+        with mock.patch.object(submitit.AutoExecutor, "map_array", record):
             super().launch([s.overrides for s in slots], slots[0].num)  # type: ignore[misc]
         return made[0]
 
@@ -189,8 +179,8 @@ class _Bounded:
                     s.fail(self._died(s))
             if deadline is not None and now > deadline:
                 for s in (s for s in slots if s.result is None):
-                    s.fail(WaitTimeoutError(f"sweep job {s} (job {getattr(s.job, 'job_id', None)}, {s.state}) not "
-                                            f"done after max_wait_h={self.max_wait_h}; left running: re-launch the same "
+                    s.fail(WaitTimeoutError(f"sweep job {s} (job {getattr(s.job, 'job_id', None)}, {s.state}) not done "
+                                            f"after max_wait_h={self.max_wait_h}; left running: re-launch the same "
                                             f"sweep (same hydra.sweep.dir) later to collect it"))
             if any(s.result is None for s in slots):
                 time.sleep(self.poll_s)
@@ -199,9 +189,9 @@ class _Bounded:
         paths = slot.job.paths
         logs = [Path(p) for p in (paths.stderr, paths.stdout) if Path(p).is_file()]
         tail = next((t for t in ("\n".join(p.read_text(errors="replace").splitlines()[-25:]) for p in logs) if t), "")
-        msg = (f"{self._EXECUTOR} job {slot.job.job_id} (sweep job {slot}) ended without writing a result "  # type: ignore
-               f"(scheduler state: {slot.state}; no result {self.lost_after_s:.0f} s later): killed (scancel, out "
-               f"of memory, node failure) or crashed hard.\nlogs: {paths.stderr}\n      {paths.stdout}"
+        msg = (f"{self._EXECUTOR} job {slot.job.job_id} (sweep job {slot}) ended without writing a "  # type: ignore
+               f"result (scheduler state: {slot.state}; no result {self.lost_after_s:.0f} s later): killed (scancel, "
+               f"out of memory, node failure) or crashed hard.\nlogs: {paths.stderr}\n      {paths.stdout}"
                + (f"\n--- end of its log ---\n{tail}" if tail else ""))
         log.error(msg)
         return JobDiedError(msg)
@@ -221,9 +211,8 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise RuntimeError("hydra/launcher=slurm: sbatch/srun not found, this is not a SLURM login node. On one "
-                               "machine use hydra/launcher=local; for a local test cluster run "
-                               "scripts/slurm_local.sh start (root, Debian/Ubuntu)")
+            raise RuntimeError("hydra/launcher=slurm: sbatch/srun not found (not a SLURM login node). On one machine "
+                               "use hydra/launcher=local; a local test cluster: scripts/slurm_local.sh start")
         return super().launch(job_overrides, initial_job_idx)
 
     def _submit(self, slots: List[_Slot], executor: Any) -> None:
@@ -258,8 +247,7 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
             job = submitit.SlurmJob(folder=folder, job_id=job_id)
             try:
                 slot = by_overrides.pop(tuple(job.submission().args[0]), None)
-            except Exception as e:  # noqa: BLE001 - no or unreadable submission: not ours to adopt
-                log.debug(f"slurm job {job_id}: cannot read its submission: {e}")
+            except Exception:  # noqa: BLE001 - no or unreadable submission: not ours to adopt
                 continue
             if slot is not None:
                 slot.job = job

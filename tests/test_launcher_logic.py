@@ -36,14 +36,14 @@ def test_judge():
     j = L.judge
     assert j(True, True, "CANCELLED", 5.0, 100.0, 10) == ("done", 5.0)  # a result decides first
     assert j(True, False, None, None, 0.0, 10)[0] == "done"
-    for st in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "running", "SUSPENDED"):
+    for st in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "SUSPENDED"):
         assert j(False, True, st, 50.0, 100.0, 10) == ("alive", None)  # alive again: the clock resets
     # ended or unknown: first seen now, lost once lost_after_s have passed
     assert j(False, True, "CANCELLED", None, 100.0, 10) == ("alive", 100.0)
     assert j(False, True, None, None, 100.0, 10) == ("alive", 100.0)
     assert j(False, True, "", None, 100.0, 10) == ("alive", 100.0)
     assert j(False, True, "OUT_OF_MEMORY", 100.0, 105.0, 10) == ("alive", 100.0)
-    assert j(False, True, "CANCELLED by 0", 100.0, 110.0, 10) == ("lost", 100.0)
+    assert j(False, True, "CANCELLED", 100.0, 110.0, 10) == ("lost", 100.0)
     assert j(False, True, None, 100.0, 111.0, 10) == ("lost", 100.0)
     # the scheduler did not answer: no news, however long
     assert j(False, False, None, 100.0, 10_000.0, 10) == ("alive", 100.0)

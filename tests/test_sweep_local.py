@@ -137,7 +137,7 @@ def test_local_relaunch_runs_nothing(local_sweep):
     p = run(cmd, timeout=300)
     assert p.returncode == 0, p.stderr[-5000:]
     log = p.stdout + p.stderr
-    assert log.count("[skip: ") == 4 and "4 of 4 jobs already have results" in log, log[-3000:]
+    assert log.count("[skip: ") == 4 and "4 of 4 jobs completed" in log, log[-3000:]
     assert {p: p.stat().st_mtime_ns for p in results(sweep)} == before  # nothing re-trained
     assert set((sweep / ".submitit").iterdir()) == jobs_before  # nothing even started
 
