@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -223,29 +222,22 @@ def _record_overrides(r: Record) -> Optional[List[str]]:
     return list(ov) if strings(ov) else None
 
 
-def rank_candidates(cands: List[Candidate]) -> List[Candidate]:
-    """Best first. Documented tie rule: higher mean metric; then smaller ``optim.lr``; then
-    larger ``optim.weight_decay``; then the remaining varying values compared as strings."""
-    def num(c, k, sign):
-        v = dict(c.values).get(k)
-        return sign * float(v) if isinstance(v, (int, float)) else math.inf
-
-    def rest(c):
-        return tuple(_fmt_value(v) for k, v in c.values if k not in ("optim.lr", "optim.weight_decay"))
-
-    return sorted(cands, key=lambda c: (-round(c.mean, 9), num(c, "optim.lr", 1), num(c, "optim.weight_decay", -1),
-                                        rest(c)))
-
-
 SELECTION_KEY = ["dataset", "method", "task", "experiment", "backbone"]
+# listed first, and the documented tie rule after the mean: the smaller lr, then the larger weight decay;
+# then the other varying values compared as strings
+SWEPT = {"optim.lr": 1, "optim.weight_decay": -1}
 _DROP_OVERRIDES = ("protocol", "seed", "hydra", "skip_done")  # never re-emitted from the tuned runs
+
+
+def _tie_key(k: str, v: Any) -> Tuple[int, float, str]:
+    return (0, SWEPT[k] * float(v), "") if k in SWEPT and isinstance(v, (int, float)) else (1, 0.0, _fmt_value(v))
 
 
 def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final: bool = False,
                 notes: Optional[List[str]] = None) -> List[Selection]:
     """Per (dataset, method, task, experiment, backbone): the hyper-parameters (every setting that
     varies among the tuned runs, typically ``optim.lr`` and ``optim.weight_decay``) with the best
-    ``metric`` averaged over seeds (a second run of a candidate and seed: the first kept).
+    ``metric`` averaged over seeds (a second run of a candidate and seed: the first kept); ties: :data:`SWEPT`.
 
     Refuses anything that could select on test: ``final`` records (unless ``ignore_final``,
     which skips them), records evaluated on the test split, and a metric that selects on test."""
@@ -272,15 +264,15 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
     out = []
     for (ds, method, task, exp, backbone), g in sorted(df.groupby(SELECTION_KEY), key=lambda kv: (
             kv[0][0], method_rank(kv[0][1]), *kv[0][2:])):
-        # lr and wd first, then the rest alphabetically
-        keys = sorted(varying(g.record), key=lambda k: ({"optim.lr": 0, "optim.weight_decay": 1}.get(k, 2), k))
+        keys = sorted(varying(g.record), key=lambda k: (list(SWEPT).index(k) if k in SWEPT else 2, k))
         g = g.assign(cand=[tuple(_fmt_value(r.settings.get(k)) for k in keys) for r in g.record])
         for _, d in g[g.duplicated(["cand", "seed"], keep=False)].groupby(["cand", "seed"], sort=False):
             notes += [f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}: "
                       f"kept the first ({d.record.iloc[0].path}), ignored {r.path}" for r in d.record.iloc[1:]]
-        ranked = rank_candidates([Candidate(tuple((k, c.record.iloc[0].settings.get(k)) for k in keys),
-                                            c.score.astype(float).tolist(), c.seed.tolist(), c.record.tolist())
-                                  for _, c in g.drop_duplicates(["cand", "seed"]).groupby("cand", sort=False)])
+        ranked = sorted([Candidate(tuple((k, c.record.iloc[0].settings.get(k)) for k in keys),
+                                   c.score.astype(float).tolist(), c.seed.tolist(), c.record.tolist())
+                         for _, c in g.drop_duplicates(["cand", "seed"]).groupby("cand", sort=False)],
+                        key=lambda c: (-round(c.mean, 9), *(_tie_key(k, v) for k, v in c.values)))
         if len(nseeds := {len(c.seeds) for c in ranked}) > 1:
             notes.append(f"uneven: {ds} {method} {task}: candidates have {sorted(nseeds)} seeds")
         ov = _record_overrides(ranked[0].records[0])

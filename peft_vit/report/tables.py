@@ -32,7 +32,6 @@ from .collect import DEFAULT_BACKBONE, VIEW_ORDER, VIEWS, Record, group_rows, me
 
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 PAPER_PROTOCOL = "paper: max test acc over epochs"
-HEAD_IN = 768 + 1  # a Linear(768, C) head: 769 parameters per class
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -50,10 +49,8 @@ class Benchmark:
     tasks: List[str]
     groups: Dict[str, List[str]]        # ordered; empty when the benchmark has none
     mean_title: str = "mean"
-    mean_classes: Optional[float] = None  # for the mean head size
+    head_m: Optional[float] = None      # the parameters (M) of the mean head, Linear(768, mean classes)
     backbone: str = "ViT-B/16"          # named in the table's title
-
-    head_m = property(lambda self: None if self.mean_classes is None else HEAD_IN * self.mean_classes / 1e6)
 
     @property
     def spans(self) -> Dict[str, List[str]]:
@@ -83,7 +80,7 @@ def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
             groups.setdefault(spec.group, []).append(t)
     title, mean_title, backbone = BENCHMARKS[dataset]
     return Benchmark(dataset, title, list(reg), groups, mean_title.format(n=len(reg)),
-                     sum(spec.num_classes for spec in reg.values()) / len(reg), backbone)
+                     (768 + 1) * (sum(s.num_classes for s in reg.values()) / len(reg)) / 1e6, backbone)
 
 
 def vtab_tasks() -> Dict[str, str]:
@@ -110,27 +107,26 @@ class Table:
 
 def cells_of(long: pd.DataFrame, b: Benchmark, rows: pd.Index) -> pd.DataFrame:
     """The cells of ``rows`` from ``long`` (row, task, seed, value; one value per row, task and seed).
-    Task cells: mean, std and count over seeds. A mean column: the mean over its tasks of the task
-    means (``mean_of_groups``: of the group means), only when every task is present; its std is
-    over the per-seed means, when every task has the same >= 2 seeds."""
+    Each column aggregates the task means over its span (a task: itself; ``mean_of_groups``: the
+    mean of the group means), only when every task is present; its std is over seeds of the same
+    aggregate of the per-seed values, when every task has the same >= 2 seeds; ``_n`` counts the
+    seeds of a task, the tasks present of a mean."""
     long = long[long.task.isin(b.tasks)]
-    st = long.groupby(["row", "task"]).value.agg(["mean", "std", "count"])  # std: ddof=1, NaN for one seed
-    means, sd, n = (st[k].unstack("task").reindex(index=rows, columns=b.tasks) for k in st)
-    out = {k: v for t in b.tasks
-           for k, v in ((t, means[t]), (f"{t}_std", sd[t]), (f"{t}_n", n[t].fillna(0).astype(int)))}
     seeds = long.pivot(index=["row", "seed"], columns="task", values="value").reindex(columns=b.tasks)
+    means = long.groupby(["row", "task"]).value.mean().unstack("task").reindex(index=rows, columns=b.tasks)
     group_of = {t: g for g, ts in b.groups.items() for t in ts}
-    for key, span in list(b.spans.items())[len(b.tasks):]:
+    out = {}
+    for key, span in b.spans.items():
         def agg(x: pd.DataFrame) -> pd.Series:  # one value per index entry of x
             return x[span].T.groupby(group_of).mean().mean() if key == "mean_of_groups" else x[span].mean(axis=1)
 
-        have = means[span].notna().sum(axis=1)
         per_seed = seeds[span].dropna(how="all")
         same = per_seed.notna().all(axis=1).groupby(level="row").agg(["all", "size"]).reindex(rows)
         std = agg(per_seed).groupby(level="row").std().reindex(rows)
+        have = means[span].notna().sum(axis=1)
         full = have == len(span)
         out |= {key: agg(means).where(full), f"{key}_std": std.where(full & same["all"].eq(True) & same["size"].ge(2)),
-                f"{key}_n": have}
+                f"{key}_n": same["size"].fillna(0).astype(int) if key in b.tasks else have}
     return pd.DataFrame(out, index=rows)
 
 
@@ -213,15 +209,13 @@ def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequenc
     b = benchmark_for(dataset, records)
     notes = list(notes or [])
     long = group_rows([r for r in records if r.dataset == dataset], views, notes)
-    for _, g in long.groupby("row"):
-        if unknown := sorted(set(g.task) - set(b.tasks)):
-            notes.append(f"ignored tasks not in {b.title}: {', '.join(unknown)} ({g.label.iloc[0]}, "
-                         f"{VIEWS[g.view.iloc[0]].label})")
+    for _, g in long[~long.task.isin(b.tasks)].groupby("row"):
+        notes.append(f"ignored tasks not in {b.title}: {', '.join(sorted(set(g.task)))} ({g.label.iloc[0]}, "
+                     f"{VIEWS[g.view.iloc[0]].label})")
     rows = our_rows(long, b)
-    for _, r in rows.iterrows():
-        if r[list(b.spans)[len(b.tasks):]].isna().any():
-            notes.append(f"incomplete: {r.label} {r.protocol} {r.experiment}".rstrip()
-                         + f": missing {', '.join(t for t in b.tasks if r[t + '_n'] == 0)}")
+    for _, r in rows[rows[list(b.spans)[len(b.tasks):]].isna().any(axis=1)].iterrows():
+        notes.append(f"incomplete: {r.label} {r.protocol} {r.experiment}".rstrip()
+                     + f": missing {', '.join(t for t in b.tasks if r[t + '_n'] == 0)}")
     if paper:
         pub = paper_rows(b, paper_data).drop_duplicates(["method", "backbone"])  # one per method and backbone
         out = []
