@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -67,10 +67,7 @@ class Record(RunRecord):
         return float(v)
 
 
-@dataclass
-class Collection:
-    records: List[Record]
-    issues: List[str] = field(default_factory=list)   # unreadable or malformed files, skipped
+Collection = namedtuple("Collection", "records issues")  # issues: the unreadable or malformed files, skipped
 
 
 def load_records(paths: Sequence[os.PathLike]) -> Collection:
@@ -104,9 +101,7 @@ def method_rank(method: str) -> Tuple[int, str]:
 
 
 def _fmt_value(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else str(v)
+    return repr(v) if isinstance(v, float) else json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else str(v)
 
 
 def varying(records: Iterable[Record]) -> List[str]:
@@ -129,8 +124,8 @@ def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
     df = pd.DataFrame([(r.dataset, r.method, r.backbone, r.experiment or "", v, VIEWS[v].protocol, r.task, r.seed,
                         fingerprint(r.settings), r.path, r, r.value(VIEWS[v]), r.trainable_params,
                         r.trainable_params_no_head)
-                       for r in records for v in views if r.value(VIEWS[v]) is not None], columns=LONG)
-    df[["params", "params_no_head"]] = df[["params", "params_no_head"]].astype(float)
+                       for r in records for v in views if r.value(VIEWS[v]) is not None],
+                      columns=LONG).astype({"params": float, "params_no_head": float})
     same = ["dataset", "method", "backbone", "experiment", "protocol", "task", "seed", "fp"]
     runs = df.drop_duplicates("path")  # a final record is in two views
     runs = runs[runs.duplicated(same, keep=False)]
@@ -164,15 +159,8 @@ class SelectionError(ValueError):
     pass
 
 
-@dataclass
-class Candidate:
-    values: Tuple[Tuple[str, Any], ...]       # the varying hyper-parameters
-    scores: List[float]
-    seeds: List[int]
-    records: List[Record]
-
-    mean = property(lambda self: float(pd.Series(self.scores).mean()))
-    std = property(lambda self: None if len(self.scores) < 2 else float(pd.Series(self.scores).std()))  # ddof=1
+# values: ((hyper-parameter, value), ...) of the varying ones; the metric's mean and std (ddof=1; None for one seed)
+Candidate = namedtuple("Candidate", "values mean std seeds records")
 
 
 @dataclass
@@ -269,8 +257,8 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
         for _, d in g[g.duplicated(["cand", "seed"], keep=False)].groupby(["cand", "seed"], sort=False):
             notes += [f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}: "
                       f"kept the first ({d.record.iloc[0].path}), ignored {r.path}" for r in d.record.iloc[1:]]
-        ranked = sorted([Candidate(tuple((k, c.record.iloc[0].settings.get(k)) for k in keys),
-                                   c.score.astype(float).tolist(), c.seed.tolist(), c.record.tolist())
+        ranked = sorted([Candidate(tuple((k, c.record.iloc[0].settings.get(k)) for k in keys), float(c.score.mean()),
+                                   float(c.score.std()) if len(c) > 1 else None, c.seed.tolist(), c.record.tolist())
                          for _, c in g.drop_duplicates(["cand", "seed"]).groupby("cand", sort=False)],
                         key=lambda c: (-round(c.mean, 9), *(_tie_key(k, v) for k, v in c.values)))
         if len(nseeds := {len(c.seeds) for c in ranked}) > 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -98,11 +99,7 @@ META = ["kind", "method", "label", "backbone", "variant", "protocol", "experimen
         "params_no_head", "partial", "head_known"]
 
 
-@dataclass
-class Table:
-    benchmark: Benchmark
-    rows: pd.DataFrame    # META, then per column key k: k (the mean), k_std, k_n
-    notes: List[str]
+Table = namedtuple("Table", "benchmark rows notes")  # rows: META, then per column key k: k (the mean), k_std, k_n
 
 
 def cells_of(long: pd.DataFrame, b: Benchmark, rows: pd.Index) -> pd.DataFrame:
@@ -235,17 +232,18 @@ HEADER = ["method", "protocol", "experiment"]
 PARAMS_HEADER = ["params M (+head)", "params M (no head)"]
 
 
-def _cell_text(row: pd.Series, key: str, span: List[str], most: int, tex: bool) -> str:
-    m, sd, n, task = row[key], row[f"{key}_std"], row[f"{key}_n"], len(span) == 1 and span[0] == key
+# per format: a std, the seeds of a cell with fewer than the row's others, a paper row's label
+MARKS = {"md": (" ± {:.2f}", " (n={})", "*{}*"),
+         "tex": (r"{{\scriptsize$\pm${:.2f}}}", r" {{\scriptsize(n={})}}", r"\textit{{{}}}")}
+
+
+def _cell_text(row: pd.Series, key: str, span: List[str], most: int, marks: Sequence[str]) -> str:
+    m, sd, n, task = row[key], row[f"{key}_std"], row[f"{key}_n"], span == [key]
     if pd.isna(m):
         return "" if task else f"incomplete ({int(n)}/{len(span)})"
     s = f"{m:{'+' if row.kind == 'diff' else ''}.{1 if task and row.kind == 'paper' else 2}f}"
-    s = "0.00" if row.kind == "diff" and s in ("+0.00", "-0.00") else s
-    if pd.notna(sd):
-        s += rf"{{\scriptsize$\pm${sd:.2f}}}" if tex else f" ± {sd:.2f}"
-    if task and row.kind == "ours" and n < most:
-        s += rf" {{\scriptsize(n={int(n)})}}" if tex else f" (n={int(n)})"
-    return s
+    s = ("0.00" if s in ("+0.00", "-0.00") else s) + (marks[0].format(sd) if pd.notna(sd) else "")
+    return s + (marks[1].format(int(n)) if task and row.kind == "ours" and n < most else "")
 
 
 def _params_text(row: pd.Series, head: bool) -> str:
@@ -257,20 +255,18 @@ def _params_text(row: pd.Series, head: bool) -> str:
     return f"{v:.3f}" + ("†" if row.partial else "")
 
 
-def _texts(t: Table, tex: bool) -> List[List[str]]:
-    """Each row's texts: the leading columns and parameters escaped for the format, the cells in it."""
-    esc = tex_escape if tex else (lambda x: x.replace("|", "\\|").replace("*", "\\*"))
+def _texts(t: Table, fmt: str) -> List[List[str]]:
+    """Each row's texts in format ``fmt`` (md | tex)."""
+    esc, marks = tex_escape if fmt == "tex" else (lambda x: x.replace("|", "\\|").replace("*", "\\*")), MARKS[fmt]
     out, prev = [], None
     for _, row in t.rows.iterrows():
         most = max([row[f"{k}_n"] for k in t.benchmark.tasks], default=0)
-        cells = [_cell_text(row, k, s, most, tex) for k, s in t.benchmark.spans.items()]
         lead = [esc(row.label), esc(row.protocol), esc(row.experiment)]
-        if row.kind == "paper":
-            lead[0] = rf"\textit{{{lead[0]}}}" if tex else f"*{lead[0]}*"
-        if tex and prev not in (None, (row.method, row.backbone)):  # a rule between method groups
+        lead[0] = marks[2].format(lead[0]) if row.kind == "paper" else lead[0]
+        if fmt == "tex" and prev not in (None, (row.method, row.backbone)):  # a rule between method groups
             lead[0] = "\\midrule\n" + lead[0]
         prev = (row.method, row.backbone)
-        out.append(lead + [c if tex else esc(c) for c in cells]
+        out.append(lead + [_cell_text(row, k, s, most, marks) for k, s in t.benchmark.spans.items()]
                    + [esc(_params_text(row, True)), esc(_params_text(row, False)), esc(row.seeds)])
     return out
 
@@ -286,7 +282,7 @@ PIPE = TableFormat(None, lambda widths, _: "|" + "|".join([":--"] * len(HEADER) 
 
 def to_markdown(t: Table) -> str:
     head = HEADER + t.benchmark.titles + PARAMS_HEADER + ["seeds"]
-    md = pd.DataFrame(_texts(t, False), columns=head).to_markdown(
+    md = pd.DataFrame(_texts(t, "md"), columns=head).to_markdown(
         index=False, tablefmt=PIPE, stralign=None, numalign=None, disable_numparse=True)
     notes = ["", "Notes:", *[f"- {x}" for x in t.notes]] if t.notes else []
     return "\n".join([f"## {_title(t)}", "", md, "", *[f"- {x}" for x in LEGEND], *notes]) + "\n"
@@ -318,7 +314,7 @@ def tex_escape(s: str) -> str:
 def to_latex(t: Table) -> str:
     head = [tex_escape(h) for h in HEADER] + [rf"\rotatebox{{90}}{{{tex_escape(h)}}}"
                                               for h in t.benchmark.titles + PARAMS_HEADER] + ["seeds"]
-    body = pd.DataFrame(_texts(t, True), columns=head).to_latex(
+    body = pd.DataFrame(_texts(t, "tex"), columns=head).to_latex(
         index=False, escape=False, column_format="l" * len(HEADER) + "r" * (len(head) - len(HEADER)))
     return "\n".join([f"% {_title(t)}", "% generated by scripts/make_table.py; needs \\usepackage{booktabs,graphicx}",
                       body.rstrip("\n"), *[f"% {tex_escape(x)}" for x in LEGEND + t.notes]]) + "\n"
@@ -338,9 +334,8 @@ def safe_stems(names: Iterable[str]) -> Dict[str, str]:
 def write_table(t: Table, out_dir: Path, formats: Sequence[str] = ("md", "csv", "tex"),
                 stem: Optional[str] = None) -> List[Path]:
     """Writes <out_dir>/<stem>.<format>; the stem defaults to the benchmark's name made safe."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or safe_stems([t.benchmark.name])[t.benchmark.name]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for f in formats:
-        (out_dir / f"{stem}.{f}").write_text(RENDERERS[f](t))
-    return [out_dir / f"{stem}.{f}" for f in formats]
+        (Path(out_dir) / f"{stem}.{f}").write_text(RENDERERS[f](t))
+    return [Path(out_dir) / f"{stem}.{f}" for f in formats]
