@@ -166,9 +166,9 @@ class _Bounded:
                 return
             states, now = self._states(live), time.time()
             for s in live:
-                st = None if states is None else states.get(str(s.job.job_id))
-                s.state = s.state if states is None else (st or "not known to the scheduler")
-                verdict, s.gone_since = judge(s.job.paths.result_pickle.exists(), states is not None, st,
+                if states is not None:
+                    s.state = states.get(str(s.job.job_id)) or "not known to the scheduler"
+                verdict, s.gone_since = judge(s.job.paths.result_pickle.exists(), states is not None, s.state,
                                               s.gone_since, now, self.lost_after_s)
                 if verdict == "done":
                     try:
@@ -235,22 +235,21 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
         return parse_states(out.stdout) if out.returncode == 0 else None
 
     def _adopt(self, todo: List[_Slot]) -> List[_Slot]:
-        """Jobs of an earlier launch of this sweep (a folder in submitit_folder) still queued or running
-        take the slots of their overrides (read from submitit's pickled submission); returns the rest."""
+        """Live jobs of an earlier launch of this sweep (their submission pickled in submitit_folder) take
+        the slots of their overrides; returns the rest."""
         import submitit
 
-        folder = str(self.params["submitit_folder"])
-        root = Path(folder.split("%j")[0])
-        states = (self._states() or {}) if todo and "%j" in folder and root.is_dir() else {}
+        folder = self.params["submitit_folder"]
+        states = (self._states() or {}) if todo else {}
         by_overrides = {tuple(s.overrides): s for s in todo}
-        for job_id in sorted(j for j, st in states.items() if st in ALIVE_STATES and (root / j).is_dir()):
-            job = submitit.SlurmJob(folder=folder, job_id=job_id)
+        for job_id in sorted(j for j, st in states.items() if st in ALIVE_STATES):
+            pickled = submitit.core.utils.JobPaths(folder, job_id).submitted_pickle
             try:
-                slot = by_overrides.pop(tuple(job.submission().args[0]), None)
-            except Exception:  # noqa: BLE001 - no or unreadable submission: not ours to adopt
+                slot = by_overrides.pop(tuple(submitit.helpers.DelayedSubmission.load(pickled).args[0]), None)
+            except Exception:  # noqa: BLE001 - none (another sweep's job) or unreadable: not ours to adopt
                 continue
             if slot is not None:
-                slot.job = job
+                slot.job = submitit.SlurmJob(folder=folder, job_id=job_id)
                 log.info(f"\t{slot}  [already {states[job_id]} as slurm job {job_id} (an earlier launch of this "
                          f"sweep): waiting for it]")
         return [s for s in todo if s.job is None]
@@ -265,7 +264,8 @@ class LocalLauncher(_Bounded, upstream.LocalLauncher):
 
     def _upstream_submission(self, slots: List[_Slot]) -> Any:
         executor = super()._upstream_submission(slots)
-        executor._executor.update_parameters(signal_delay_s=self.signal_delay_s)  # Hydra's local schema lacks it
+        # not through upstream's params: submitit's AutoExecutor rejects local_signal_delay_s
+        executor._executor.update_parameters(signal_delay_s=self.signal_delay_s)
         return executor
 
     def _submit(self, slots: List[_Slot], executor: Any) -> None:
