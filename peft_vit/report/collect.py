@@ -112,7 +112,7 @@ def varying(records: Iterable[Record]) -> List[str]:
 
 
 ROW_KEY = ["dataset", "method", "backbone", "experiment", "view"]
-LONG = ROW_KEY + ["protocol", "task", "seed", "fp", "path", "record", "value", "params", "params_no_head"]
+LONG = ROW_KEY + ["task", "seed", "fp", "path", "record", "value", "params", "params_no_head"]
 
 
 def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
@@ -121,19 +121,21 @@ def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
     and seed (:data:`LONG`), numbered in table order (``row``), each row with its ``variant`` and
     ``label``. Duplicates and variant splits are appended to ``notes``."""
     notes = notes if notes is not None else []
-    df = pd.DataFrame([(r.dataset, r.method, r.backbone, r.experiment or "", v, VIEWS[v].protocol, r.task, r.seed,
+    df = pd.DataFrame([(r.dataset, r.method, r.backbone, r.experiment or "", v, r.task, r.seed,
                         fingerprint(r.settings), r.path, r, r.value(VIEWS[v]), r.trainable_params,
                         r.trainable_params_no_head)
                        for r in records for v in views if r.value(VIEWS[v]) is not None],
                       columns=LONG).astype({"params": float, "params_no_head": float})
-    same = ["dataset", "method", "backbone", "experiment", "protocol", "task", "seed", "fp"]
-    runs = df.drop_duplicates("path")  # a final record is in two views
-    runs = runs[runs.duplicated(same, keep=False)]
-    for (ds, method, *_, protocol, task, seed, _), d in runs.groupby(same, sort=False):
-        notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={protocol} has {len(d)} records with "
-                     f"the same config; kept {d.path.iloc[-1]}, ignored {', '.join(d.path.iloc[:-1])}")
-    parts = []
-    for (ds, method, _, exp, view), g in df.drop_duplicates(same + ["view"], keep="last").groupby(ROW_KEY, sort=False):
+    reported, parts = set(), []
+    for (ds, method, bb, exp, view), g in df.groupby(ROW_KEY, sort=False):
+        same = ["task", "seed", "fp"]
+        for (task, seed, fp), d in g[g.duplicated(same, keep=False)].groupby(same, sort=False):
+            if (key := (ds, method, bb, exp, VIEWS[view].protocol, task, seed, fp)) not in reported:  # once per run
+                reported.add(key)
+                notes.append(f"duplicate: {ds} {method} task={task} seed={seed} protocol={VIEWS[view].protocol} has "
+                             f"{len(d)} records with the same config; kept {d.path.iloc[-1]}, ignored "
+                             + ", ".join(d.path.iloc[:-1]))
+        g = g.drop_duplicates(same, keep="last")
         clashes = g[g.duplicated(["task", "seed"], keep=False)].groupby(["task", "seed"]).record
         keys = sorted(set().union(*(varying(c) for _, c in clashes)))
         if keys:
@@ -254,12 +256,14 @@ def select_best(records: Sequence[Record], metric: str = "val_acc", ignore_final
             kv[0][0], method_rank(kv[0][1]), *kv[0][2:])):
         keys = sorted(varying(g.record), key=lambda k: (list(SWEPT).index(k) if k in SWEPT else 2, k))
         g = g.assign(cand=[tuple(_fmt_value(r.settings.get(k)) for k in keys) for r in g.record])
-        for _, d in g[g.duplicated(["cand", "seed"], keep=False)].groupby(["cand", "seed"], sort=False):
-            notes += [f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}: "
-                      f"kept the first ({d.record.iloc[0].path}), ignored {r.path}" for r in d.record.iloc[1:]]
+        dup = g.duplicated(["cand", "seed"])
+        kept = g[~dup].set_index(["cand", "seed"]).record
+        notes += [f"duplicate: {ds} {method} {task} seed={r.seed} {dict(zip(keys, map(r.settings.get, keys)))}: "
+                  f"kept the first ({kept[(c, r.seed)].path}), ignored {r.path}"
+                  for c, r in zip(g.cand[dup], g.record[dup])]
         ranked = sorted([Candidate(tuple((k, c.record.iloc[0].settings.get(k)) for k in keys), float(c.score.mean()),
                                    float(c.score.std()) if len(c) > 1 else None, c.seed.tolist(), c.record.tolist())
-                         for _, c in g.drop_duplicates(["cand", "seed"]).groupby("cand", sort=False)],
+                         for _, c in g[~dup].groupby("cand", sort=False)],
                         key=lambda c: (-round(c.mean, 9), *(_tie_key(k, v) for k, v in c.values)))
         if len(nseeds := {len(c.seeds) for c in ranked}) > 1:
             notes.append(f"uneven: {ds} {method} {task}: candidates have {sorted(nseeds)} seeds")

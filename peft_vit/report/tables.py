@@ -159,15 +159,14 @@ def paper_rows(b: Benchmark, paper: Optional[Dict[str, Any]] = None) -> pd.DataF
     """The rows of the published results of a benchmark: the printed parameter count goes in
     the column it matches (``params_include_head``; unknown: with the head, marked)."""
     paper = paper if paper is not None else load_paper()
-    ps = paper.get(b.name) or []
-    rows = pd.DataFrame([dict(kind="paper", method=p["method"], label=method_label(p["method"], p["backbone"]),
-                              backbone=p["backbone"], experiment=p.get("cite") or p.get("source", ""), variant="",
-                              protocol=paper.get("protocol", PAPER_PROTOCOL), seeds="",
-                              params_head=math.nan if p.get("params_include_head") is False else p["params_m"],
-                              params_no_head=p["params_m"] if p.get("params_include_head") is False else math.nan,
-                              partial=False, head_known=p.get("params_include_head") is not None)
-                         for p in ps], index=pd.RangeIndex(len(ps)), columns=META)
-    long = pd.DataFrame([(i, t, "paper", float(v)) for i, p in enumerate(ps) for t, v in p["acc"].items()],
+    ps = pd.DataFrame(paper.get(b.name) or [], columns=["method", "backbone", "cite", "source", "params_m",
+                                                        "params_include_head", "acc"])
+    no_head = ps.params_include_head.eq(False)
+    rows = ps.assign(kind="paper", label=list(map(method_label, ps.method, ps.backbone)), variant="",
+                     protocol=paper.get("protocol", PAPER_PROTOCOL), experiment=ps.cite.fillna(ps.source), seeds="",
+                     params_head=ps.params_m.mask(no_head), params_no_head=ps.params_m.where(no_head), partial=False,
+                     head_known=ps.params_include_head.notna())[META]
+    long = pd.DataFrame([(i, t, "paper", float(v)) for i, acc in enumerate(ps.acc) for t, v in acc.items()],
                         columns=["row", "task", "seed", "value"])
     return rows.join(cells_of(long, b, rows.index))
 
