@@ -229,8 +229,6 @@ def build_table(records: Sequence[Record], dataset: str = "vtab", views: Sequenc
 
 HEADER = ["method", "protocol", "experiment"]
 PARAMS_HEADER = ["params M (+head)", "params M (no head)"]
-
-
 # per format: a std, the seeds of a cell with fewer than the row's others, a paper row's label
 MARKS = {"md": (" ± {:.2f}", " (n={})", "*{}*"),
          "tex": (r"{{\scriptsize$\pm${:.2f}}}", r" {{\scriptsize(n={})}}", r"\textit{{{}}}")}
