@@ -1,19 +1,12 @@
 """VTAB-1k and FGVC result tables (Markdown, CSV, LaTeX) from run records.
 
-One row per (method, backbone, experiment, view[, variant]) — see :mod:`.collect` — with
-one column per task, the group means, the plain mean, the mean of group means (VTAB), and
-the trainable parameters with and without the head (millions, averaged over tasks).
+One row per (method, backbone, experiment, view[, variant]) — see :mod:`.collect` — with one column
+per task, the group means, the plain mean, the mean of group means (VTAB), and the trainable
+parameters with and without the head. Its rules (a cell's std and seed count, means only for
+complete rows, the std of a mean, paper rows with ours − paper below our rows) are printed under
+every table (:data:`LEGEND`) and computed by :func:`cells_of` and :func:`build_table`.
 
-* A cell is the mean ± sample std (ddof=1) over seeds; ``(n=k)`` marks a cell with fewer
-  seeds than the row's others.
-* A mean is shown only when every task it covers is present; otherwise it reads
-  ``incomplete (k/n)`` — never an average over fewer tasks.
-* The std of a mean is the std over seeds of the per-seed means, shown when every task of
-  the mean has the same ≥ 2 seeds.
-* ``--paper`` adds the published rows (``paper_results.yaml``) and, below each of our rows
-  of the same method and backbone, the difference ours − paper.
-
-A :class:`Table` is one frame, a line per table row: what the row is (:data:`META`), then per
+A :class:`Table`'s ``rows`` is one frame, a line per table row: what the row is (:data:`META`), then per
 column ``k``: ``k`` the mean, ``k_std``, ``k_n`` the seeds or tasks present (the CSV's columns).
 """
 from __future__ import annotations
