@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -83,7 +83,7 @@ def load_records(paths: Sequence[os.PathLike]) -> Collection:
             found.setdefault(f.resolve(), (f, f"{root.as_posix().rstrip('/')}/{rel}" if len(paths) > 1 else rel))
     for f, rel in found.values():
         try:
-            recs.append(Record(**vars(RunRecord.read(f)), path=rel, file=f))
+            recs.append(replace(Record.read(f), path=rel, file=f))
         except RecordError as e:
             issues.append(f"{'unreadable' if e.unreadable else 'malformed'} {rel}: {'; '.join(e.problems)}")
     return Collection(sorted(recs, key=lambda r: r.path), issues)

@@ -143,8 +143,8 @@ def plot_accuracy_vs_params(table: Table, stem: Path, protocols: Optional[Iterab
     ax.set_xscale("log")
     ax.set_xlabel(data["x"])
     ax.set_ylabel(data["y"])
-    ax.set_title(f"{table.benchmark.title}: accuracy vs trainable parameters (lines: Pareto front per protocol and backbone)",
-                 fontsize=9)
+    ax.set_title(f"{table.benchmark.title}: accuracy vs trainable parameters "
+                 "(lines: Pareto front per protocol and backbone)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if data["points"]:
         ax.legend(fontsize=7, loc="lower right")
@@ -216,15 +216,15 @@ def householder_groups(records: Sequence[Record], protocol: Optional[str] = "fin
 
 def householder_rank_data(records: Sequence[RunRecord]) -> Dict[str, Any]:
     """Mean effective rank per (layer, matrix) over tasks (each task: mean over its seeds)."""
-    df = pd.DataFrame([(r.task, layer, mat, rank) for r in records for layer, mat, rank in householder_entries(r.diagnostics)],
+    df = pd.DataFrame([(r.task, *entry) for r in records for entry in householder_entries(r.diagnostics)],
                       columns=["task", "layer", "matrix", "rank"])
     per_task = df.groupby(["task", "layer", "matrix"])["rank"].mean()
     grid = per_task.groupby(["layer", "matrix"]).agg(["mean", "count"]).unstack()
     mats = sorted(df["matrix"].unique(), key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else 99, m))
     mean = grid["mean"].reindex(columns=mats) if len(df) else pd.DataFrame()
     count = grid["count"].reindex(columns=mats).fillna(0).astype(int) if len(df) else pd.DataFrame()
-    full = {float(row["full_rank"]) for r in records
-            for row in r.diagnostics.get("per_matrix") or r.diagnostics.get("layers") or [] if isinstance(row, dict) and "full_rank" in row}
+    full = {float(row["full_rank"]) for r in records for row in r.diagnostics.get("per_matrix")
+            or r.diagnostics.get("layers") or [] if isinstance(row, dict) and "full_rank" in row}
     return {"tasks": sorted(df["task"].unique()), "n_records": len(records), "layers": mean.index.tolist(),
             "matrices": mats, "effective_rank_is": sorted({rank_definition(r.diagnostics) for r in records}),
             "mean_effective_rank": [[None if pd.isna(v) else round(v, 6) for v in row] for row in mean.values.tolist()],
@@ -273,5 +273,6 @@ def plot_run(record: RunRecord, out_dir: Path) -> List[Path]:
     if record.method != "householder" or not householder_entries(record.diagnostics):
         return []
     stem = Path(out_dir) / "householder_rank"
-    plot_householder_ranks([record], stem, title=f"{record.dataset}/{record.task}, seed {record.seed}", formats=("png",))
+    plot_householder_ranks([record], stem, title=f"{record.dataset}/{record.task}, seed {record.seed}",
+                           formats=("png",))
     return [stem.with_suffix(".png"), stem.with_suffix(".json")]
