@@ -8,8 +8,8 @@
 #   scripts/slurm_local.sh stop     # stop the daemons this script started (by pid file)
 #
 # What it runs, as plain background daemons (no systemd, no cgroups):
-#   munged, mariadbd + slurmdbd (accounting: sacct works, so a job that died without a
-#   result is seen as ended), slurmctld, slurmd. The node is this machine (its short
+#   munged, mariadbd + slurmdbd (accounting: sacct works, as on a real cluster; the tests
+#   read a job's requeues and end state from it, the launcher needs only squeue), slurmctld, slurmd. The node is this machine (its short
 #   hostname, NodeAddr=127.0.0.1) with the CPUs and memory `slurmd -C` reports, in one
 #   partition `local` (default). No GPUs are declared: run presets with
 #   hydra.launcher.gpus_per_node=null.
