@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
@@ -115,22 +116,33 @@ def create_backbone(
     return model
 
 
+def _weights(name: str, checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The ``pretrained_cfg_overlay`` of the weights to load: a local file, a cached hub file, or
+    None (timm downloads from the hub)."""
+    return checkpoint_overlay(checkpoint) if checkpoint else _pretrained_source(name)
+
+
+@contextmanager
+def _hub_errors(name: str, checkpoint: Optional[str]):
+    """A failed hub download becomes PretrainedWeightsUnavailable, naming the fix; errors loading a
+    local ``checkpoint`` pass as they are."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        if checkpoint or not any(w in str(e).lower() for w in ("offline", "connection", "hub")):
+            raise
+        raise PretrainedWeightsUnavailable(f"could not load pretrained weights for {name!r} "
+                                           f"({type(e).__name__}: {e}); {HOW_TO_PASS_A_FILE}") from e
+
+
 def _create(name, num_classes, pretrained, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate,
                                   img_size=img_size, **dict(overrides or {}))
-    if checkpoint:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=checkpoint_overlay(checkpoint), **kwargs)
-    if pretrained:
-        overlay = _pretrained_source(name)
-        try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        except (OSError, RuntimeError, ValueError) as e:
-            if "offline" in str(e).lower() or "connection" in str(e).lower() or "hub" in str(e).lower():
-                raise PretrainedWeightsUnavailable(
-                    f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}); "
-                    f"{HOW_TO_PASS_A_FILE}") from e
-            raise
-    return timm.create_model(name, pretrained=False, **kwargs)
+    if not (pretrained or checkpoint):
+        return timm.create_model(name, pretrained=False, **kwargs)
+    overlay = _weights(name, checkpoint)
+    with _hub_errors(name, checkpoint):
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def _with_fresh_fc_norm(name, num_classes, checkpoint, drop_path_rate, img_size, overrides) -> nn.Module:
@@ -144,16 +156,19 @@ def _with_fresh_fc_norm(name, num_classes, checkpoint, drop_path_rate, img_size,
     from timm.models import load_pretrained
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    overlay = checkpoint_overlay(checkpoint) if checkpoint else _pretrained_source(name)
-    model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, num_classes=num_classes,
-                              drop_path_rate=drop_path_rate, img_size=img_size, **overrides)
+    model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=_weights(name, checkpoint),
+                              num_classes=num_classes, drop_path_rate=drop_path_rate, img_size=img_size, **overrides)
     loads: list = []
     hook = model.register_load_state_dict_post_hook(lambda module, keys: loads.append(keys))
-    load_pretrained(model, num_classes=num_classes, filter_fn=checkpoint_filter_fn, strict=False)
+    with _hub_errors(name, checkpoint):
+        load_pretrained(model, num_classes=num_classes, filter_fn=checkpoint_filter_fn, strict=False)
     hook.remove()
-    odd = [k for keys in loads for k in keys.missing_keys if not k.startswith(("fc_norm.", "head."))]
-    odd += [k for keys in loads for k in keys.unexpected_keys if not k.startswith("norm.")]
-    if len(loads) != 1 or odd:
+    if len(loads) != 1:  # e.g. an .npz, which timm loads with its own loader, not by tensor name
+        raise RuntimeError(f"{name}: model.overrides.fc_norm=true needs a checkpoint loaded by tensor name "
+                           f"(.safetensors or .pth), not {model.pretrained_cfg.get('file') or 'this one'}")
+    odd = [k for k in loads[0].missing_keys if not k.startswith(("fc_norm.", "head."))]
+    odd += [k for k in loads[0].unexpected_keys if not k.startswith("norm.")]
+    if odd:
         raise RuntimeError(f"{name}: model.overrides.fc_norm=true expects a checkpoint that differs only in its "
                            f"final norm; these tensors do not match: {odd[:5]}")
     return model
