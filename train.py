@@ -24,9 +24,14 @@ def hydra_context() -> RunContext:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
+    from peft_vit.config import recipe_gap
     from peft_vit.engine.loop import run
 
-    run(cfg, hydra_context())
+    context = hydra_context()
+    gap = recipe_gap(cfg, context.experiment)  # a preset's table without a row for this method or task
+    if gap:
+        raise SystemExit(gap)
+    run(cfg, context)
 
 
 if __name__ == "__main__":
