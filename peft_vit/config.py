@@ -1,4 +1,5 @@
-"""Config helpers for the entry point."""
+"""Config helpers for the entry point: option listing for bad choices, and what an experiment preset
+covers (its methods, the rows of its per-task and per-method tables)."""
 from __future__ import annotations
 
 import re
