@@ -159,8 +159,8 @@ def sweep_values(key: str, value: str) -> List[str]:
 
 
 def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
-              methods: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), out: Path = Path("outputs/reproduce"),
-              step_s: float = STEP_S, bench: Optional[Path] = None) -> Plan:
+              methods: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
+              out: Path = Path("outputs/reproduce"), step_s: float = STEP_S, bench: Optional[Path] = None) -> Plan:
     """The stages, their jobs and the estimate, from the recipe's composed preset (one composition per
     method and task, so per-task values such as epochs or batch count as the jobs will run them)."""
     from hydra import compose, initialize_config_dir
@@ -217,10 +217,17 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
         for m in methods:
             for t in tasks:
                 for protocol in ("tune", "final"):
-                    cfg = compose("config", return_hydra_config=True, overrides=[
-                        f"experiment={spec.preset}", f"method={m}", f"dataset={spec.benchmark}/{t}",
-                        f"protocol={protocol}", *fixed])
-                    params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params") or OmegaConf.create())
+                    try:
+                        cfg = compose("config", return_hydra_config=True, overrides=[
+                            f"experiment={spec.preset}", f"method={m}", f"dataset={spec.benchmark}/{t}",
+                            f"protocol={protocol}", *fixed])
+                        params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params")
+                                                        or OmegaConf.create())
+                        tc = OmegaConf.to_container(cfg.trainer, resolve=True)
+                    except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: name the job
+                        raise PlanError(f"recipe {recipe}: experiment={spec.preset} method={m} "
+                                        f"dataset={spec.benchmark}/{t} does not compose: "
+                                        f"{str(e).splitlines()[0]}") from e
                     g = {k: user_sweeps.get(k) or sweep_values(k, str(v))
                          for k, v in params.items() if k not in fixed_keys}
                     g.update({k: v for k, v in user_sweeps.items() if k not in g})
@@ -230,12 +237,11 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
                         if grid and g != grid:
                             raise PlanError(f"recipe {recipe}: the grid differs between {m}/{t} and the first task")
                         grid = g
-                    tc = cfg.trainer
                     count = math.prod(len(v) for v in g.values()) if protocol == "tune" else len(seeds)
                     fit, ev = split[protocol]
                     stages["grid" if protocol == "tune" else "final"].jobs.append(Job(
-                        m, t, count, int(tc.epochs), int(tc.batch_size), int(tc.eval_every or 0), reg[t][fit],
-                        reg[t][ev], bool(tc.get("drop_last", True))))
+                        m, t, count, int(tc["epochs"]), int(tc["batch_size"]), int(tc["eval_every"] or 0),
+                        reg[t][fit], reg[t][ev], bool(tc.get("drop_last", True))))
     sel = Stage("selection", f"best per method and task on {split['tune'][1]} (protocol tune), never on test; "
                              "scripts/select_best.py's rules")
     table = Stage("table", "make_table --paper: final/last-epoch and final/max-over-epochs (selects on test, the "
@@ -270,11 +276,12 @@ def show_plan(p: Plan) -> str:
     rows = {}
     for s in (s for s in p.stages if s.jobs):
         for j in s.jobs:
+            gpu_h = j.count * j.gpu_s(p.img_s[j.method]) / 3600
             rows.setdefault((j.task, j.method), []).append(
-                f"{j.count:>10} {j.steps:>9} {j.evaluations:>5} {j.count * j.gpu_s(p.img_s[j.method]) / 3600:>7.2f}")
+                f"{j.count:>10} {j.steps:>9} {j.evaluations:>5} {gpu_h:>7.2f}")
     lines += [f"{t:<14} {m:<12} " + " ".join(cells) for (t, m), cells in rows.items()]
-    lines += ["", "estimate: steps = epochs × ⌊fit images / batch⌋; an evaluation every eval_every epochs and after the "
-                  "last, an evaluated image = 1/3 of a trained one; image counts from the task registry;",
+    lines += ["", "estimate: steps = epochs × ⌊fit images / batch⌋; an evaluation every eval_every epochs and after "
+                  "the last, an evaluated image = 1/3 of a trained one; image counts from the task registry;",
               f"  {p.assumes}; start-up, decoding and queueing not counted"]
     return "\n".join(lines)
 
@@ -352,7 +359,9 @@ def run(p: Plan, launcher: str = "local") -> Path:
             for n in col.issues:
                 print(f"warning: {n} (skipped)", file=sys.stderr)
             paper = load_paper()
-            paper[p.spec.benchmark] = [r for r in paper.get(p.spec.benchmark) or [] if r["method"] in p.methods]
+            # the recipe's methods; a row that names this preset as its recipe first (one row per method is shown)
+            paper[p.spec.benchmark] = sorted((r for r in paper.get(p.spec.benchmark) or [] if r["method"] in p.methods),
+                                             key=lambda r: r.get("recipe") != p.spec.preset)
             table = build_table(_mine(p, col.records), p.spec.benchmark, ["last", "max"], paper=True, paper_data=paper)
             files = write_table(table, p.dirs["table"], ["md", "csv"], stem=p.spec.benchmark)
             print(to_markdown(table))

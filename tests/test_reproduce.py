@@ -116,6 +116,8 @@ def test_measured_step_times_from_benchmark_json(tmp_path):
     (dict(recipe="vtab_hta", methods=["nope"]), "unknown method.*nope"),
     (dict(recipe="vtab_hta", overrides=["method=lora"]), "the recipe sets method; use --methods"),
     (dict(recipe="vtab_hta", seeds=[]), "--seeds"),
+    (dict(recipe="vtab_hta", tasks=["dtd"], overrides=["trainer.epochs=${nope}"]),
+     "experiment=vtab_hta method=householder dataset=vtab/dtd does not compose: .*nope"),
 ])
 def test_bad_input_is_named(args, match):
     with pytest.raises(PlanError, match=match):
