@@ -185,7 +185,8 @@ def test_vtab_hta_end_to_end_killed_mid_grid_then_rerun(tmp_path):
     for words in ("paper: max test acc over epochs", "HTA", "final/last-epoch",
                   "final/max-over-epochs (selects on test)", "vtab_hta"):
         assert words in md and words in p.stdout, words
-    assert "722" not in p.stdout and "total: 6 jobs" in p.stdout
+    assert "total: 6 jobs" in p.stdout and "protocol tune: fit train800" in p.stdout
+    assert "protocol final: fit train800val200, evaluate test" in p.stdout
 
     before = {q: q.stat().st_mtime_ns for q in [*tuned, *finals]}
     again = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
