@@ -134,6 +134,7 @@ class Plan:
     out: Path
     img_s: Dict[str, float]         # method -> s per trained image
     assumes: str
+    uncovered: Dict[str, str] = field(default_factory=dict)  # task -> why the preset leaves it out
 
     dirs = property(lambda self: {k: self.out / self.recipe / k for k in ("grid", "selection", "final", "table")})
     n = property(lambda self: sum(s.n for s in self.stages))
@@ -174,7 +175,7 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
     if not (CONFIG_DIR / "experiment" / f"{spec.preset}.yaml").is_file():
         raise PlanError(f"recipe {recipe}: configs/experiment/{spec.preset}.yaml does not exist in this checkout")
     reg = registry(spec.benchmark)
-    tasks = list(tasks or reg)
+    explicit, tasks, uncovered = bool(tasks), list(tasks or reg), {}
     if bad := [t for t in tasks if t not in reg]:
         raise PlanError(f"--tasks: unknown {spec.benchmark} task(s) {', '.join(bad)}; known: {', '.join(reg)}")
     methods = list(methods or spec.methods)
@@ -182,7 +183,10 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
         raise PlanError(f"--methods: unknown method(s) {', '.join(bad)} (configs/method/)")
     if not seeds:
         raise PlanError("--seeds: give at least one seed")
-    parsed = _parser().parse_overrides(list(overrides))
+    try:
+        parsed = _parser().parse_overrides(list(overrides))
+    except Exception as e:  # noqa: BLE001 - hydra.errors.OverrideParseException
+        raise PlanError(f"overrides: {str(e).splitlines()[0]}") from e
     for o in parsed:
         if o.key_or_group in ("experiment", "method", "dataset", "protocol", "seed"):
             raise PlanError(f"override {o.input_line}: the recipe sets {o.key_or_group}; use --methods / --tasks / "
@@ -214,40 +218,49 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
     stages = {"grid": Stage("grid", f"protocol tune: fit {split['tune'][0]}, evaluate {split['tune'][1]}"),
               "final": Stage("final", f"protocol final: fit {split['final'][0]}, evaluate {split['final'][1]}")}
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for m in methods:
-            for t in tasks:
-                for protocol in ("tune", "final"):
-                    try:
-                        cfg = compose("config", return_hydra_config=True, overrides=[
-                            f"experiment={spec.preset}", f"method={m}", f"dataset={spec.benchmark}/{t}",
-                            f"protocol={protocol}", *fixed])
-                        params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params")
-                                                        or OmegaConf.create())
-                        tc = OmegaConf.to_container(cfg.trainer, resolve=True)
-                    except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: name the job
-                        raise PlanError(f"recipe {recipe}: experiment={spec.preset} method={m} "
-                                        f"dataset={spec.benchmark}/{t} does not compose: "
-                                        f"{str(e).splitlines()[0]}") from e
-                    g = {k: user_sweeps.get(k) or sweep_values(k, str(v))
-                         for k, v in params.items() if k not in fixed_keys}
-                    g.update({k: v for k, v in user_sweeps.items() if k not in g})
-                    if protocol == "tune":
-                        if not params:
-                            continue  # a fixed recipe: no grid
-                        if grid and g != grid:
-                            raise PlanError(f"recipe {recipe}: the grid differs between {m}/{t} and the first task")
-                        grid = g
-                    count = math.prod(len(v) for v in g.values()) if protocol == "tune" else len(seeds)
-                    fit, ev = split[protocol]
-                    stages["grid" if protocol == "tune" else "final"].jobs.append(Job(
-                        m, t, count, int(tc["epochs"]), int(tc["batch_size"]), int(tc["eval_every"] or 0),
-                        reg[t][fit], reg[t][ev], bool(tc.get("drop_last", True))))
+        def composed(m: str, t: str, protocol: str):
+            try:
+                cfg = compose("config", return_hydra_config=True, overrides=[
+                    f"experiment={spec.preset}", f"method={m}", f"dataset={spec.benchmark}/{t}",
+                    f"protocol={protocol}", *fixed])
+                params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params") or OmegaConf.create())
+                return params, OmegaConf.to_container(cfg.trainer, resolve=True)
+            except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: name the job
+                raise PlanError(f"recipe {recipe}: experiment={spec.preset} method={m} dataset={spec.benchmark}/{t} "
+                                f"does not compose: {str(e).splitlines()[0]}") from e
+
+        for t in tasks:
+            try:
+                made = [(m, protocol, *composed(m, t, protocol)) for m in methods for protocol in ("tune", "final")]
+            except PlanError as e:
+                if explicit:
+                    raise
+                uncovered[t] = str(e)  # all tasks asked for: a task the preset has no values for is left out
+                continue
+            for m, protocol, params, tc in made:
+                g = {k: user_sweeps.get(k) or sweep_values(k, str(v)) for k, v in params.items() if k not in fixed_keys}
+                g.update({k: v for k, v in user_sweeps.items() if k not in g})
+                if protocol == "tune":
+                    if not params:
+                        continue  # a fixed recipe: no grid
+                    if grid and g != grid:
+                        raise PlanError(f"recipe {recipe}: the grid differs between {m}/{t} and the first task")
+                    grid = g
+                count = math.prod(len(v) for v in g.values()) if protocol == "tune" else len(seeds)
+                fit, ev = split[protocol]
+                stages["grid" if protocol == "tune" else "final"].jobs.append(Job(
+                    m, t, count, int(tc["epochs"]), int(tc["batch_size"]), int(tc["eval_every"] or 0),
+                    reg[t][fit], reg[t][ev], bool(tc.get("drop_last", True))))
+    if len(uncovered) == len(tasks):
+        raise PlanError(next(iter(uncovered.values())) + " (and every other task)")
+    tasks = [t for t in tasks if t not in uncovered]
     sel = Stage("selection", f"best per method and task on {split['tune'][1]} (protocol tune), never on test; "
                              "scripts/select_best.py's rules")
     table = Stage("table", "make_table --paper: final/last-epoch and final/max-over-epochs (selects on test, the "
                            "papers' protocol) beside the paper rows, ours − paper")
     order = ([stages["grid"], sel] if grid else []) + [stages["final"], table]
-    return Plan(recipe, spec, methods, tasks, list(seeds), grid, order, list(overrides), Path(out), img_s, assumes)
+    return Plan(recipe, spec, methods, tasks, list(seeds), grid, order, list(overrides), Path(out), img_s, assumes,
+                uncovered)
 
 
 def show_plan(p: Plan) -> str:
@@ -256,6 +269,9 @@ def show_plan(p: Plan) -> str:
     lines = [f"reproduce {p.recipe}: experiment={p.spec.preset}, method {', '.join(p.methods)}, {len(p.tasks)} "
              f"{ds} task{'s' * (len(p.tasks) > 1)}, final seeds {','.join(map(str, p.seeds))}",
              f"outputs: {p.out / p.recipe}/{{{','.join(k for k in p.dirs if p.grid or k in ('final', 'table'))}}}"]
+    if p.uncovered:
+        lines.append(f"left out, the preset has no values for them: {', '.join(p.uncovered)} "
+                     f"(e.g. {next(iter(p.uncovered.values()))})")
     if p.overrides:
         lines.append(f"overrides for every job: {' '.join(p.overrides)}")
     if p.grid:

@@ -100,6 +100,18 @@ def test_overrides_replace_the_grid_and_reach_every_job(tmp_path):
     assert stage_commands(p, "grid", "slurm")[0][3] == "hydra/launcher=slurm"
 
 
+def test_tasks_the_preset_has_no_values_for_are_left_out_and_named_unless_asked_for():
+    """A per-task table with rows for some tasks only (as vtab_vpt's official values): by default the
+    plan covers the tasks that compose and names the others; asked for by --tasks, one is refused."""
+    rows = ["+rows={dtd: 3, kitti: 4}", "trainer.epochs='${rows.${dataset.task}}'"]
+    p = make_plan("vtab_rlrr", seeds=[0], overrides=rows)
+    assert p.tasks == ["dtd", "kitti"] and len(p.uncovered) == VTAB19 - 2
+    assert [(j.task, j.epochs) for j in p.stages[0].jobs] == [("dtd", 3), ("kitti", 4)]
+    assert "left out, the preset has no values for them: cifar, caltech101" in show_plan(p)
+    with pytest.raises(PlanError, match="dataset=vtab/cifar does not compose: Interpolation key 'rows.cifar'"):
+        make_plan("vtab_rlrr", ["dtd", "cifar"], overrides=rows)
+
+
 def test_measured_step_times_from_benchmark_json(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"results": [{"method": "lora", "batch": 64, "step_time_s": 0.032,
@@ -116,6 +128,7 @@ def test_measured_step_times_from_benchmark_json(tmp_path):
     (dict(recipe="vtab_hta", methods=["nope"]), "unknown method.*nope"),
     (dict(recipe="vtab_hta", overrides=["method=lora"]), "the recipe sets method; use --methods"),
     (dict(recipe="vtab_hta", seeds=[]), "--seeds"),
+    (dict(recipe="vtab_hta", overrides=["a=${b.${c}}"]), "overrides: Error parsing override"),
     (dict(recipe="vtab_hta", tasks=["dtd"], overrides=["trainer.epochs=${nope}"]),
      "experiment=vtab_hta method=householder dataset=vtab/dtd does not compose: .*nope"),
 ])
