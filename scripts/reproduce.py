@@ -165,6 +165,7 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
     """The stages, their jobs and the estimate, from the recipe's composed preset (one composition per
     method and task, so per-task values such as epochs or batch count as the jobs will run them)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from peft_vit.config import CONFIG_DIR
@@ -224,7 +225,10 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
                     f"experiment={spec.preset}", f"method={m}", f"dataset={spec.benchmark}/{t}",
                     f"protocol={protocol}", *fixed])
                 params = OmegaConf.to_container(OmegaConf.select(cfg, "hydra.sweeper.params") or OmegaConf.create())
-                return params, OmegaConf.to_container(cfg.trainer, resolve=True)
+                HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as in the job
+                # the whole job config resolves, as train.py needs it (a preset's table without this row fails here)
+                job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+                return params, job["trainer"]
             except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors: name the job
                 raise PlanError(f"recipe {recipe}: experiment={spec.preset} method={m} dataset={spec.benchmark}/{t} "
                                 f"does not compose: {str(e).splitlines()[0]}") from e
