@@ -22,7 +22,8 @@ Re-running the same command after an interruption does only what is missing: eve
 sweep directory, ``<out>/<recipe>/{grid,final}`` (not timestamped), and the launchers skip a job whose
 results.json exists (``skip_done``) and resume one that has a checkpoint. Extra arguments are Hydra
 overrides given to every job (``trainer.epochs=2``; a key of the grid with several values replaces
-the preset's values, e.g. ``optim.lr=0.1,0.01``); ``hydra.*`` ones go to the launcher.
+the preset's values, e.g. ``optim.lr=0.1,0.01``; a recipe without a grid refuses several values, which
+would all run on test); ``hydra.*`` ones go to the launcher.
 
 The GPU-hours are an estimate: steps per job = epochs × ⌊fit images / batch⌋ (trainer.drop_last;
 ⌈⌉ without it), plus one pass over the evaluation split every ``eval_every`` epochs and after the
@@ -255,6 +256,9 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
                 stages["grid" if protocol == "tune" else "final"].jobs.append(Job(
                     m, t, count, int(tc["epochs"]), int(tc["batch_size"]), int(tc["eval_every"] or 0),
                     reg[t][fit], reg[t][ev], bool(tc.get("drop_last", True))))
+    if user_sweeps and not grid:
+        raise PlanError(f"recipe {recipe} has no grid on val: a sweep override ({', '.join(user_sweeps)}) would run "
+                        "every value on test; give one value, or use a recipe with a grid (e.g. vtab_honest)")
     if len(uncovered) == len(tasks):
         raise PlanError(next(iter(uncovered.values())) + " (and every other task)")
     tasks = [t for t in tasks if t not in uncovered]

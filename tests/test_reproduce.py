@@ -128,6 +128,8 @@ def test_measured_step_times_from_benchmark_json(tmp_path):
     (dict(recipe="vtab_hta", methods=["nope"]), "unknown method.*nope"),
     (dict(recipe="vtab_hta", overrides=["method=lora"]), "the recipe sets method; use --methods"),
     (dict(recipe="vtab_hta", seeds=[]), "--seeds"),
+    (dict(recipe="vtab_rlrr", tasks=["dtd"], overrides=["optim.lr=0.1,0.01"]),
+     "vtab_rlrr has no grid on val: a sweep override \\(optim.lr\\) would run every value on test"),
     (dict(recipe="vtab_hta", overrides=["a=${b.${c}}"]), "overrides: Error parsing override"),
     (dict(recipe="vtab_hta", tasks=["dtd"], overrides=["trainer.epochs=${nope}"]),
      "experiment=vtab_hta method=householder dataset=vtab/dtd does not compose: .*nope"),
