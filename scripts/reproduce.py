@@ -5,8 +5,9 @@
     python scripts/reproduce.py vtab_hta                                 # grid -> selection -> final -> table
     python scripts/reproduce.py vtab_noah --tasks cifar,dtd --seeds 0 --launcher slurm hydra.launcher.partition=gpu
 
-A recipe is a preset of configs/experiment/ and the methods its paper row ran (:data:`RECIPES`); the
-rest is read from the composed preset, per task and method. The stages:
+A recipe is a preset of configs/experiment/ (:data:`RECIPES`) run for the methods it covers
+(``peft_vit.config.preset_methods``: its default method and each method with a file in
+configs/experiment_method/<preset>/); the rest is read from the composed preset, per task and method. The stages:
 
 1. grid (only where the preset has ``hydra.sweeper.params``, e.g. vtab_hta's lr × wd): protocol
    tune, fit train800, evaluate val200 (FGVC: train -> val); one ``train.py -m`` sweep.
@@ -53,20 +54,19 @@ REPO = Path(__file__).resolve().parents[1]
 class Recipe:
     preset: str                 # configs/experiment/<preset>.yaml
     benchmark: str              # vtab | fgvc: the task registry and the table
-    methods: Tuple[str, ...]    # the methods of the paper's rows (--methods replaces them)
 
 
-# one line per recipe; grid, epochs, batch, evaluation and per-task values come from the composed preset
+# one line per recipe; its methods, grid, epochs, batch, evaluation and per-task values come from the composed preset
 RECIPES: Dict[str, Recipe] = {
-    "vtab_hta": Recipe("vtab_hta", "vtab", ("householder",)),
-    "vtab_rlrr": Recipe("vtab_rlrr", "vtab", ("rlrr",)),
-    "vtab_noah": Recipe("vtab_noah", "vtab", ("lora", "adapter")),
-    "vtab_fact": Recipe("vtab_fact", "vtab", ("fact_tk",)),
-    "vtab_ssf": Recipe("vtab_ssf", "vtab", ("ssf",)),
-    "vtab_vpt": Recipe("vtab_vpt", "vtab", ("vpt_deep",)),
-    "vtab_honest": Recipe("vtab_honest", "vtab", ("lora",)),
-    "fgvc_hta": Recipe("fgvc_hta", "fgvc", ("householder",)),
-    "fgvc_rlrr": Recipe("fgvc_rlrr", "fgvc", ("rlrr",)),
+    "vtab_hta": Recipe("vtab_hta", "vtab"),
+    "vtab_rlrr": Recipe("vtab_rlrr", "vtab"),
+    "vtab_noah": Recipe("vtab_noah", "vtab"),
+    "vtab_fact": Recipe("vtab_fact", "vtab"),
+    "vtab_ssf": Recipe("vtab_ssf", "vtab"),
+    "vtab_vpt": Recipe("vtab_vpt", "vtab"),
+    "vtab_honest": Recipe("vtab_honest", "vtab"),
+    "fgvc_hta": Recipe("fgvc_hta", "fgvc"),
+    "fgvc_rlrr": Recipe("fgvc_rlrr", "fgvc"),
 }
 # per benchmark and protocol: the fitted and the evaluated split, as the records name them
 SPLITS = {"vtab": {"tune": ("train800", "val200"), "final": ("train800val200", "test")},
@@ -169,7 +169,7 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from peft_vit.config import CONFIG_DIR
+    from peft_vit.config import CONFIG_DIR, preset_methods
 
     if recipe not in RECIPES:
         raise PlanError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -180,7 +180,7 @@ def make_plan(recipe: str, tasks: Optional[Sequence[str]] = None, seeds: Sequenc
     explicit, tasks, uncovered = bool(tasks), list(tasks or reg), {}
     if bad := [t for t in tasks if t not in reg]:
         raise PlanError(f"--tasks: unknown {spec.benchmark} task(s) {', '.join(bad)}; known: {', '.join(reg)}")
-    methods = list(methods or spec.methods)
+    methods = list(methods or preset_methods(spec.preset))
     if bad := [m for m in methods if not (CONFIG_DIR / "method" / f"{m}.yaml").is_file()]:
         raise PlanError(f"--methods: unknown method(s) {', '.join(bad)} (configs/method/)")
     if not seeds:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import reproduce
+from peft_vit.config import preset_methods
 from reproduce import RECIPES, PlanError, make_plan, show_plan, stage_commands
 from test_sweep_local import REPO, job_env, make_vtab, results
 
@@ -55,30 +56,37 @@ def test_every_recipe_plans_from_its_preset_or_names_the_missing_file(recipe, tm
     seeds final jobs (after a grid where the preset has hydra.sweeper.params); one whose preset is not
     is refused naming the file."""
     spec = RECIPES[recipe]
-    assert spec.benchmark in reproduce.SPLITS and spec.methods and recipe.startswith(spec.benchmark + "_")
-    for m in spec.methods:
-        assert (REPO / "configs" / "method" / f"{m}.yaml").is_file(), m
     first = next(iter(reproduce.registry(spec.benchmark)))
-    if not (REPO / "configs" / "experiment" / f"{spec.preset}.yaml").is_file():
+    preset = REPO / "configs" / "experiment" / f"{spec.preset}.yaml"
+    if not preset.is_file():
         with pytest.raises(PlanError, match=f"configs/experiment/{spec.preset}.yaml does not exist"):
             make_plan(recipe, [first])
         return
+    methods = preset_methods(spec.preset)
+    assert spec.benchmark in reproduce.SPLITS and methods and recipe.startswith(spec.benchmark + "_")
+    for m in methods:
+        assert (REPO / "configs" / "method" / f"{m}.yaml").is_file(), m
+    raw = yaml.safe_load(preset.read_text())
+    # a preset with per-task values (vtab_vpt: 3 tasks) plans a task it has values for
+    first = next((next(iter(t[spec.benchmark])) for k, t in raw.items()
+                  if k.endswith("_hparams") and spec.benchmark in t), first)
     p = make_plan(recipe, [first], seeds=[0, 1], out=tmp_path)
-    sweeper = yaml.safe_load((REPO / "configs" / "experiment" / f"{spec.preset}.yaml").read_text()).get("hydra")
+    sweeper = raw.get("hydra")
     assert bool(p.grid) == bool(sweeper and sweeper["sweeper"]["params"])
     final = next(s for s in p.stages if s.name == "final")
-    assert final.n == len(spec.methods) * 2 and {j.method for j in final.jobs} == set(spec.methods)
+    assert final.n == len(methods) * 2 and {j.method for j in final.jobs} == set(methods)
     assert p.stages[-1].name == "table" and all(j.steps > 0 for s in p.stages for j in s.jobs)
     if not p.grid:  # one sweep of methods × tasks × seeds into the fixed final directory
         (cmd,) = stage_commands(p, "final")
         assert f"hydra.sweep.dir={(tmp_path / recipe / 'final').resolve()}" in cmd
-        assert {"protocol=final", "seed=0,1", f"experiment={spec.preset}", "method=" + ",".join(spec.methods),
+        assert {"protocol=final", "seed=0,1", f"experiment={spec.preset}", "method=" + ",".join(methods),
                 f"dataset={spec.benchmark}/{first}"} <= set(cmd)
 
 
 def test_fixed_and_fgvc_recipes_count_their_jobs():
-    noah = make_plan("vtab_noah", ["cifar", "dtd"])
-    assert not noah.grid and [s.name for s in noah.stages] == ["final", "table"] and noah.n == 2 * 2 * 3
+    noah = make_plan("vtab_noah", ["cifar", "dtd"])  # the methods of NOAH's rows: LoRA, Adapter, AdaptFormer
+    assert noah.methods == ["lora", "adapter", "adaptformer"]
+    assert not noah.grid and [s.name for s in noah.stages] == ["final", "table"] and noah.n == 3 * 2 * 3
     fgvc = make_plan("fgvc_hta", ["cub"], seeds=[0])
     assert fgvc.n == 35 + 1
     # FGVC sizes: fit train (5,394) on the grid, train+val (5,994) in the final
