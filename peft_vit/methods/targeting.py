@@ -64,8 +64,9 @@ def _block_rows(linear: nn.Linear, module_name: str, block: Optional[str]) -> Tu
 class Site:
     """Where a Delta goes, as :func:`adapt_linears` hands it to ``make_delta``: the module name,
     the block (``"all"``, or ``q``/``k``/``v`` of a fused projection), the layer index (the
-    position of its transformer block, :func:`layer_index`), and the frozen Linear with the block's output rows. ``weight`` and ``bias``
-    are views of the frozen block (e.g. for a DoRA-like method that needs the weight's norms)."""
+    position of its transformer block, :func:`~peft_vit.backbone.layer_index`), and the frozen
+    Linear with the block's output rows. ``weight`` and ``bias`` are views of the frozen block
+    (e.g. for a DoRA-like method that needs the weight's norms)."""
 
     name: str
     block: str
@@ -161,7 +162,8 @@ def insert_parallel(model: nn.Module, name: str, module: PeftModule,
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     """Swap the parameter-free submodule ``name`` (a dropout, a drop-path, an identity) for
     ``module``, which must hold no parameters either and name the plain module that stands in for
-    it at inference via ``merged_replacement()`` (see :func:`~peft_vit.methods.merging.merge`). Returns the old module."""
+    it at inference via ``merged_replacement()`` (see :func:`~peft_vit.methods.merging.merge`).
+    Returns the old module."""
     old = model.get_submodule(name)
     if any(True for _ in old.parameters()) or any(True for _ in module.parameters()):
         raise ValueError(f"replace_module is for parameter-free modules only ({name})")

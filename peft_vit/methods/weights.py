@@ -29,16 +29,17 @@ RENAMED: Tuple[Tuple[str, str], ...] = (("fact_tk.factors.", "fact_tk."),)
 def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Every trainable tensor by its layer key: a parameter, or its view into a pack."""
     names = {id(m): n for n, m in model.named_modules()}
-    out: Dict[str, torch.Tensor] = {}
+    rank = {id(m): i for i, m in enumerate(model.modules())}
+    keyed = []  # (module position, key, tensor): a file reads in the model's order
     for n, p in model.named_parameters():
-        owner = n.rpartition(".")[0]
-        if p.requires_grad and not isinstance(model.get_submodule(owner) if owner else model, ParamPack):
-            out[n] = p
+        owner_name = n.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if p.requires_grad and not isinstance(owner, ParamPack):
+            keyed.append((rank[id(owner)], n, p))
     for m in model.modules():
         if isinstance(m, ParamPack) and any(p.requires_grad for p in m.parameters()):
-            for member, name, view in m.layers():
-                out[f"{names[id(member)]}.{name}"] = view
-    return out
+            keyed += [(rank[id(member)], f"{names[id(member)]}.{name}", view) for member, name, view in m.layers()]
+    return {k: t for _, k, t in sorted(keyed, key=lambda e: e[0])}
 
 
 def layer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
