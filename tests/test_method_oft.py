@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import build
 from peft_vit.methods.base import AdaptedLinear
 from peft_vit.methods.boft import BOFTDelta, butterfly_perm
-from peft_vit.methods.oft import OFTDelta, cayley
+from peft_vit.methods.oft import OFTDelta, cayley, skew_map
 
 
 def _adapted(lin, delta):
@@ -98,9 +98,11 @@ def test_boft_equals_huggingface_peft(factors):
 
 def test_cayley_blocks_are_orthogonal():
     torch.manual_seed(0)
-    r = cayley(torch.randn(3, 10) * 0.5, 5)
+    q = (torch.randn(3, 10) * 0.5) @ skew_map(5)
+    assert torch.equal(q, -q.view(3, 5, 5).transpose(-1, -2).reshape(3, 25))
+    r = cayley(q.view(3, 5, 5))
     torch.testing.assert_close(r @ r.transpose(-1, -2), torch.eye(5).expand(3, 5, 5), atol=1e-5, rtol=0)
-    approx = cayley(torch.randn(3, 10) * 0.5, 5, neumann_terms=5)
+    approx = cayley(q.view(3, 5, 5), neumann_terms=5)
     assert not torch.allclose(approx @ approx.transpose(-1, -2), torch.eye(5).expand(3, 5, 5), atol=1e-3)
 
 

@@ -32,8 +32,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .base import Delta, Method, Site, adapt_linears, register_method
-from .oft import block_dropout, cayley, check_block_size, rotate_inputs
+from .base import Method, Site, adapt_linears, register_method
+from .oft import SkewBlocks, block_dropout, cayley, check_block_size, rotate_inputs
 
 
 def butterfly_perm(n: int, block_size: int, factor: int) -> torch.Tensor:
@@ -46,30 +46,35 @@ def butterfly_perm(n: int, block_size: int, factor: int) -> torch.Tensor:
     return (torch.arange(0, n, group)[:, None] + within).flatten()
 
 
-class BOFTDelta(Delta):
+class BOFTDelta(SkewBlocks):
     def __init__(self, in_features: int, out_features: int, factors: int, block_size: int, dropout: float):
-        super().__init__()
-        self.block_size, self.p = block_size, float(dropout)
+        super().__init__(block_size)
+        self.p = float(dropout)
         blocks = in_features // block_size
         self.boft_r = nn.Parameter(torch.zeros(factors, blocks, block_size * (block_size - 1) // 2))
         self.boft_s = nn.Parameter(torch.ones(out_features))
-        perms = torch.stack([butterfly_perm(in_features, block_size, i) for i in range(factors)])
-        self.register_buffer("perm", perms, persistent=False)
-        self.register_buffer("inverse", perms.argsort(dim=1), persistent=False)
+        self.factors = factors
+        for i in range(1, factors):  # P_1 = I
+            perm = butterfly_perm(in_features, block_size, i)
+            self.register_buffer(f"perm_{i}", perm, persistent=False)
+            self.register_buffer(f"inverse_{i}", perm.argsort(), persistent=False)
 
     def rotated(self, weight: torch.Tensor) -> torch.Tensor:
         """``W Mᵀ`` = W B_1ᵀ ⋯ B_mᵀ, each ``B_iᵀ`` a gather, a blockwise product and a gather."""
-        blocks = block_dropout(cayley(self.boft_r, self.block_size), self.p, self.training).to(weight.dtype)
-        for i in range(blocks.shape[0]):
-            if i:  # P_1 = I
-                weight = weight[:, self.inverse[i]]
-            weight = rotate_inputs(weight, blocks[i])
-            if i:
-                weight = weight[:, self.perm[i]]
+        blocks = block_dropout(cayley(self.skew(self.boft_r)), self.p, self.training)
+        if blocks.dtype != weight.dtype:
+            blocks = blocks.to(weight.dtype)
+        for i, rot in enumerate(blocks.unbind(0)):
+            if i:  # W P_i: the columns gathered by the inverse permutation (P_1 = I)
+                weight = weight.index_select(1, getattr(self, f"inverse_{i}"))
+            weight = rotate_inputs(weight, rot)
+            if i:  # (·) P_iᵀ
+                weight = weight.index_select(1, getattr(self, f"perm_{i}"))
         return weight
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.boft_s.to(weight.dtype)[:, None] * self.rotated(weight) - weight
+        s = self.boft_s if self.boft_s.dtype == weight.dtype else self.boft_s.to(weight.dtype)
+        return s[:, None] * self.rotated(weight) - weight
 
 
 @register_method("boft")

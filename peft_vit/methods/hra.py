@@ -26,8 +26,8 @@ the q and v blocks of timm's fused qkv, chosen so that HRA's budget equals HTA's
 (householder.yaml, 184,320): 24 matrices · 768 · 10 = 184,320 on ViT-B/16 (HTA's q, k, v, o
 at one budget would need r = 5, odd, which the symmetric init cannot start from).
 
-Mergeable exactly: W' is formed in every forward (r rank-1 updates of W, one matmul with W' over
-the tokens) and folds into the Linear. Numerically equal to peft's HRA given the same vectors
+Mergeable exactly: W' is formed in every forward (ΔW = −(W U) T⁻¹ Uᵀ, the chain's compact WY
+form; one matmul with W' over the tokens) and folds into the Linear. Numerically equal to peft's HRA given the same vectors
 (tests/test_method_hra.py).
 """
 from __future__ import annotations
@@ -55,17 +55,19 @@ class HRADelta(Delta):
             u = torch.empty(in_features, rank)
             nn.init.kaiming_uniform_(u, a=math.sqrt(5))
         self.hra_u = nn.Parameter(u)
+        self.register_buffer("wy_mask", torch.ones(rank, rank).triu(1) + 0.5 * torch.eye(rank), persistent=False)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        u = self.hra_u.to(weight.dtype)
+        u = self.hra_u if self.hra_u.dtype == weight.dtype else self.hra_u.to(weight.dtype)
         if self.gram_schmidt:
             q = torch.linalg.qr(u).Q
-            return -2 * (weight @ q) @ q.t()
-        u = u / u.norm(dim=0)
-        w = weight
-        for i in range(u.shape[1]):  # W H_1 ⋯ H_i = (W H_1 ⋯ H_{i−1}) − 2 (… u_i) u_iᵀ
-            w = torch.addr(w, w @ u[:, i], u[:, i], alpha=-2)
-        return w - weight
+            return (weight @ q) @ (-2 * q.t())
+        # H_1 ⋯ H_r = I − U T⁻¹ Uᵀ, T = the strict upper triangle of UᵀU plus half its diagonal
+        # (the compact WY form; Joffrain, Low, Quintana-Ortí, van de Geijn and Van Zee,
+        # "Accumulating Householder transformations, revisited", ACM TOMS 2006): the chain of r
+        # reflections in a few ops, equal to peft's product of r reflections
+        t = (u.t() @ u) * self.wy_mask
+        return (weight @ u) @ -torch.linalg.solve_triangular(t, u.t(), upper=True)
 
 
 @register_method("hra")

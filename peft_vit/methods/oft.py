@@ -40,18 +40,20 @@ import torch.nn as nn
 from .base import Delta, Method, Site, adapt_linears, register_method
 
 
-def skew(vec: torch.Tensor, size: int) -> torch.Tensor:
-    """(…, size(size−1)/2) upper-triangle entries -> (…, size, size) skew-symmetric matrices."""
-    rows, cols = torch.triu_indices(size, size, 1, device=vec.device)
-    q = vec.new_zeros(*vec.shape[:-1], size, size)
-    q[..., rows, cols] = vec
-    return q - q.transpose(-1, -2)
+def skew_map(size: int) -> torch.Tensor:
+    """(size(size−1)/2, size²): ``vec @ skew_map(size)`` is the flattened skew-symmetric matrix
+    with ``vec`` above the diagonal (row-major, as ``torch.triu_indices``) and −vec below it."""
+    rows, cols = torch.triu_indices(size, size, 1)
+    out = torch.zeros(rows.numel(), size * size)
+    k = torch.arange(rows.numel())
+    out[k, rows * size + cols] = 1.0
+    out[k, cols * size + rows] = -1.0
+    return out
 
 
-def cayley(vec: torch.Tensor, size: int, neumann_terms: int = 0) -> torch.Tensor:
-    """Orthogonal (…, size, size) blocks from skew-symmetric parameters (module docstring)."""
-    q = skew(vec, size)
-    eye = torch.eye(size, device=vec.device, dtype=vec.dtype).expand_as(q)
+def cayley(q: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
+    """Orthogonal (…, b, b) blocks from skew-symmetric ones (module docstring)."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     if neumann_terms == 0:
         return torch.linalg.solve(eye + q, eye - q, left=False)
     # peft's series: I + 2Q (k = 2); I + 2Q + 2Q² + … + 2Q^{k−2} + Q^{max(3, k−1)} (k ≥ 3)
@@ -64,6 +66,18 @@ def cayley(vec: torch.Tensor, size: int, neumann_terms: int = 0) -> torch.Tensor
             r = r + 2 * power
         r = r + power @ q
     return r
+
+
+class SkewBlocks(Delta):
+    """A Delta holding skew-symmetric b × b blocks by their upper triangles (``skew(vec)``)."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+        self.register_buffer("skew_map", skew_map(block_size), persistent=False)
+
+    def skew(self, vec: torch.Tensor) -> torch.Tensor:
+        return (vec @ self.skew_map).view(*vec.shape[:-1], self.block_size, self.block_size)
 
 
 def block_dropout(blocks: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -93,18 +107,18 @@ def check_block_size(site: Site, size: int, multiple: int = 1) -> int:
     return site.in_features // size
 
 
-class OFTDelta(Delta):
+class OFTDelta(SkewBlocks):
     def __init__(self, blocks: int, block_size: int, neumann_terms: int, dropout: float):
-        super().__init__()
-        self.block_size, self.neumann_terms, self.p = block_size, int(neumann_terms), float(dropout)
+        super().__init__(block_size)
+        self.neumann_terms, self.p = int(neumann_terms), float(dropout)
         self.oft_r = nn.Parameter(torch.zeros(blocks, block_size * (block_size - 1) // 2))
 
     def rotation(self) -> torch.Tensor:
-        r = cayley(self.oft_r, self.block_size, self.neumann_terms)
-        return block_dropout(r, self.p, self.training)
+        return block_dropout(cayley(self.skew(self.oft_r), self.neumann_terms), self.p, self.training)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return rotate_inputs(weight, self.rotation().to(weight.dtype)) - weight
+        r = self.rotation()
+        return rotate_inputs(weight, r if r.dtype == weight.dtype else r.to(weight.dtype)) - weight
 
 
 @register_method("oft")
