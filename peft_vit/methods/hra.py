@@ -55,7 +55,7 @@ class HRADelta(Delta):
             u = torch.empty(in_features, rank)
             nn.init.kaiming_uniform_(u, a=math.sqrt(5))
         self.hra_u = nn.Parameter(u)
-        self.register_buffer("wy_mask", torch.ones(rank, rank).triu(1) + 0.5 * torch.eye(rank), persistent=False)
+        self.register_buffer("wy_mask", -(torch.ones(rank, rank).triu(1) + 0.5 * torch.eye(rank)), persistent=False)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         u = self.hra_u if self.hra_u.dtype == weight.dtype else self.hra_u.to(weight.dtype)
@@ -66,8 +66,8 @@ class HRADelta(Delta):
         # (the compact WY form; Joffrain, Low, Quintana-Ortí, van de Geijn and Van Zee,
         # "Accumulating Householder transformations, revisited", ACM TOMS 2006): the chain of r
         # reflections in a few ops, equal to peft's product of r reflections
-        t = (u.t() @ u) * self.wy_mask
-        return (weight @ u) @ -torch.linalg.solve_triangular(t, u.t(), upper=True)
+        t = (u.t() @ u) * self.wy_mask  # −T (the mask carries the sign)
+        return (weight @ u) @ torch.linalg.solve_triangular(t, u.t(), upper=True)
 
 
 @register_method("hra")
