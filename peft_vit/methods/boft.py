@@ -17,8 +17,9 @@ function with twice the numbers). Q = 0 and s = 1 at start: the backbone exactly
 ``dropout``: the paper's multiplicative dropout (peft's ``boft_dropout``): in training,
 int(p · #blocks) random block positions hold the identity, the same positions in every factor.
 
-Defaults: m = 2 factors of blocks b = 8 (the BOFT row of the paper's VTAB-1k table, m=2, b=8)
-on the q and v blocks of timm's fused qkv (as oft.py). Count on ViT-B/16, per matrix
+Defaults: m = 2 factors of blocks b = 8 (the BOFT setting the paper's VTAB-1k table names;
+docs/REFERENCE.md §1.16, *open*: not re-checked here) on the q and v blocks of timm's fused qkv
+(as oft.py); the paper's VTAB-1k backbone is DINOv2-L. Count on ViT-B/16, per matrix
 m · (in/b) · b(b−1)/2 + out = 2 · 96 · 28 + 768 = 6,144; 24 matrices: 147,456.
 
 peft's CPU path (no CUDA extension ``fbd_cuda``) silently sets m = 1; this file has no such

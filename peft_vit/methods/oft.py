@@ -20,9 +20,10 @@ approximately orthogonal).
 ``dropout``: the multiplicative dropout of BOFT's paper (peft's ``module_dropout``): in training,
 int(p · #blocks) random blocks are replaced by the identity.
 
-Defaults, where neither OFT paper nor its code has a ViT setting: block size b = 16 as the OFT
-row of the BOFT paper's VTAB-1k table names it, on the q and v blocks of timm's fused qkv (the
-matrices peft's examples adapt in ViTs). Count on ViT-B/16: 24 matrices · (768/16 blocks) ·
+Defaults, where neither OFT paper nor its code has a ViT-B setting: block size b = 16, the OFT
+setting the BOFT paper's VTAB-1k table names (docs/REFERENCE.md §1.16, *open*: not re-checked
+here), on the q and v blocks of timm's fused qkv (a choice, the pair VeRA and LoRA ``[q, v]``
+adapt in this project). Count on ViT-B/16: 24 matrices · (768/16 blocks) ·
 (16·15/2) = 24 · 48 · 120 = 138,240. Not implemented: COFT (peft's ``coft``: a projection of Q
 into an ε-ball after each step) and ``block_share``.
 
