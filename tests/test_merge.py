@@ -29,7 +29,10 @@ def test_registry_has_the_methods_this_file_covers():
 # every mergeable method at its defaults, plus the target variants that change which blocks of
 # the fused qkv (or which other matrices) are adapted
 VARIANTS = [(m, {}) for m in MERGEABLE] + [("lora", {"targets": ["q", "v"]}), ("householder", {"targets": "qv"}),
-                                           ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]})]
+                                           ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]}),
+                                           ("hra", {"init": "random", "gram_schmidt": True}),
+                                           ("oft", {"neumann_terms": 5, "targets": ["qkv", "o"]}),
+                                           ("boft", {"factors": 3, "block_size": 4, "targets": ["q", "fc2"]})]
 
 
 @pytest.mark.parametrize("method,kwargs", VARIANTS, ids=lambda v: v if isinstance(v, str) else

@@ -51,6 +51,9 @@ ROWS = {
     # the official init gamma ~ N(1, 0.02), beta ~ N(0, 0.02); 0.48 (0.09 on the std-0.02 TINY_MODEL)
     "ssf": Row(205_824, False, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
     "bitfit": Row(102_912, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),  # 0.46 (0.11 on TINY_MODEL)
+    "hra": Row(184_320, True),  # q, v of 12 blocks, 10 reflections of 768: 24 · 768 · 10 (HTA's budget)
+    "oft": Row(138_240, True),  # q, v of 12 blocks, 768/16 = 48 blocks of 16·15/2 = 120: 24 · 48 · 120
+    "boft": Row(147_456, True),  # q, v of 12 blocks: 24 · (2 factors · 96 blocks · 8·7/2 + 768 scales)
 }
 # variants whose trainable set differs from the default's (other blocks, other modules)
 VARIANTS = [(m, {}) for m in ROWS] + [("lora", dict(targets=["q", "v"])), ("adapter", dict(placement="houlsby")),
