@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import VIT_B16, build
+from conftest import assert_batched_equals_one_by_one, VIT_B16, build
 from peft_vit.methods.base import AdaptedLinear
 from peft_vit.methods.hra import HRADelta
 
@@ -83,3 +83,15 @@ def test_vit_b16_budget_is_htas():
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build("hra", **kwargs)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(targets=["q", "k", "v", "o", "fc1", "fc2"]), dict(targets=["qkv"]),
+                                dict(init="random", gram_schmidt=True)])
+def test_batched_step_equals_block_by_block(kw, tiny_input):
+    """The model's forward forms every block's factors at once (methods/batched/hra.py);
+    forward_features alone runs each HRADelta on its own: same outputs and gradients."""
+    model = build("hra", rank=4, **kw).train()
+    with torch.no_grad():  # the symmetric init starts at the backbone: move every vector
+        for p in model.hra_pack.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert_batched_equals_one_by_one(model, tiny_input)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import build
+from conftest import assert_batched_equals_one_by_one, build
 from peft_vit.methods.base import AdaptedLinear
 from peft_vit.methods.boft import BOFTDelta, butterfly_perm
 from peft_vit.methods.oft import OFTDelta, cayley, skew_map
@@ -142,3 +142,37 @@ def test_dropout_sets_blocks_to_identity_in_training_only():
 def test_bad_settings_are_named(method, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(method, **kwargs)
+
+
+def _moved(model, pack):
+    with torch.no_grad():  # Q = 0 and s = 1 at start: give every parameter a visible effect
+        for p in getattr(model, pack).parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("oft", {}), ("oft", dict(targets=["q", "k", "v", "o", "fc1", "fc2"], block_size=8)), ("oft", dict(targets=["qkv"])),
+    ("oft", dict(neumann_terms=5)), ("oft", dict(dropout=0.5)),
+    ("boft", {}), ("boft", dict(factors=3, targets=["q", "k", "v", "o", "fc2"])), ("boft", dict(factors=1)),
+    ("boft", dict(targets=["v"], dropout=0.5))])
+def test_batched_step_equals_block_by_block(method, kw, tiny_input):
+    """The model's forward forms every block's rotations at once (methods/batched/oft.py,
+    boft.py); forward_features alone runs each delta on its own: same outputs and gradients
+    (with dropout in eval mode, where both are off)."""
+    model = _moved(build(method, **kw), f"{method}_pack")
+    model.train(not kw.get("dropout"))
+    assert_batched_equals_one_by_one(model, tiny_input)
+
+
+def test_batched_dropout_draws_per_matrix():
+    """Each matrix draws its own int(p · D) identity positions, the same in all its factors."""
+    from peft_vit.methods.batched.oft import block_dropout_each
+
+    torch.manual_seed(0)
+    blocks = cayley(torch.randn(40, 2, 8, 3, 3) - torch.randn(40, 2, 8, 3, 3).mT)
+    out = block_dropout_each(blocks, 0.5)
+    identity = torch.isclose(out, torch.eye(3)).flatten(-2).all(-1)  # (40, 2, 8)
+    assert torch.equal(identity[:, 0], identity[:, 1]) and (identity[:, 0].sum(-1) == 4).all()
+    assert len({tuple(row.tolist()) for row in identity[:, 0]}) > 1
+    torch.testing.assert_close(out[~identity], blocks[~identity])

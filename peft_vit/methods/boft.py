@@ -80,6 +80,8 @@ class BOFTDelta(SkewBlocks):
 
 @register_method("boft")
 class BOFT(Method):
+    batched = "boft"  # every adapted Linear of one shape at once: methods/batched/boft.py
+
     def __init__(self, factors: int = 2, block_size: int = 8, targets: Sequence[str] = ("q", "v"),
                  dropout: float = 0.0):
         if int(factors) < 1:

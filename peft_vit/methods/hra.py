@@ -72,6 +72,8 @@ class HRADelta(Delta):
 
 @register_method("hra")
 class HRA(Method):
+    batched = "hra"  # every adapted Linear of one shape at once: methods/batched/hra.py
+
     def __init__(self, rank: int = 10, targets: Sequence[str] = ("q", "v"), init: str = "symmetric",
                  gram_schmidt: bool = False):
         if int(rank) <= 0:

@@ -124,6 +124,8 @@ class OFTDelta(SkewBlocks):
 
 @register_method("oft")
 class OFT(Method):
+    batched = "oft"  # every adapted Linear of one shape at once: methods/batched/oft.py
+
     def __init__(self, block_size: int = 16, targets: Sequence[str] = ("q", "v"), neumann_terms: int = 0,
                  dropout: float = 0.0):
         if int(neumann_terms) < 0 or int(neumann_terms) == 1:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..wrappers import AdaptedLinear, Mergeable, PeftModule
 
 __all__ = ["ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched", "block_onehot", "low_rank_output",
-           "apply_plan"]
+           "apply_plan", "linear_units", "ordered_deltas"]
 
 
 def apply_plan(plan: str, model: nn.Module, method) -> None:
@@ -169,6 +169,23 @@ def block_onehot(lin: AdaptedLinear) -> Tuple[torch.Tensor, int]:
     for g, k in enumerate(keys):
         onehot[g, lin.slices[k][0] // size] = 1.0
     return onehot, size
+
+
+def ordered_deltas(lin: AdaptedLinear) -> List[nn.Module]:
+    """The deltas of ``lin`` in output-row order."""
+    return [lin.deltas[k] for k in sorted(lin.deltas, key=lambda k: lin.slices[k][0])]
+
+
+def linear_units(model: nn.Module, delta_cls: type) -> List[List[AdaptedLinear]]:
+    """The Linears adapted only by ``delta_cls``, grouped into units that batched math can stack:
+    same adapted blocks, weight shape and parameter shapes (e.g. the q+v ``attn.qkv`` of every
+    layer), in model order."""
+    units: Dict[tuple, List[AdaptedLinear]] = {}
+    for mod in model.modules():
+        if isinstance(mod, AdaptedLinear) and mod.deltas and all(isinstance(d, delta_cls) for d in mod.deltas.values()):
+            params = tuple((n, tuple(p.shape)) for d in ordered_deltas(mod) for n, p in d.named_parameters())
+            units.setdefault((tuple(sorted(mod.slices.values())), tuple(mod.base.weight.shape), params), []).append(mod)
+    return list(units.values())
 
 
 class BatchedDeltas(Mergeable, nn.Module):
