@@ -49,10 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = {"householder": 0.8, "lora": 0.8, "kadaptation": 0.8, "rlrr": 1.0}
 OP_BUDGETS = {"householder": 1.0, "lora": 1.0, "kadaptation": 1.0, "adapter": 1.0, "rlrr": 1.5, "vpt_deep": 0.7, "adaptformer": 0.85, "dora": 0.9, "fact_tk": 1.14, "vera": 0.75, "ssf": 0.9, "bitfit": 0.7,
-              # hra, oft, boft form W' of each of their 24 blocks in its own small graph (issue 24 writes them
-              # on the per-block author API, without the batched layer): a budget above full's until they are
-              # batched; boft runs two butterfly factors (two rotations and two gathers) per block
-              "hra": 1.4, "oft": 1.35, "boft": 2.0}  # × full's ops
+              # hra, oft, boft: every block's factors once per forward, one W' per Linear (methods/batched/)
+              "hra": 1.0, "oft": 1.0, "boft": 1.0}  # × full's ops
 MODELS = {
     "vit_b16": dict(name="vit_base_patch16_224.orig_in21k", pretrained=False, checkpoint=None, num_classes=100,
                     drop_path_rate=0.0, img_size=224, overrides={}),

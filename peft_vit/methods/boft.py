@@ -24,7 +24,8 @@ m · (in/b) · b(b−1)/2 + out = 2 · 96 · 28 + 768 = 6,144; 24 matrices: 147,
 
 peft's CPU path (no CUDA extension ``fbd_cuda``) silently sets m = 1; this file has no such
 switch: m factors on every device. Mergeable exactly (W' formed in every forward, as oft.py).
-Numerically equal to peft's BOFT given the same parameters (tests/test_method_oft.py).
+Numerically equal to peft's BOFT given the same parameters (tests/test_method_oft.py). All
+adapted Linears of one shape run together, the same math: methods/batched/boft.py.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ at one budget would need r = 5, odd, which the symmetric init cannot start from)
 
 Mergeable exactly: W' is formed in every forward (ΔW = −(W U) T⁻¹ Uᵀ, the chain's compact WY
 form; one matmul with W' over the tokens) and folds into the Linear. Numerically equal to peft's HRA given the same vectors
-(tests/test_method_hra.py).
+(tests/test_method_hra.py). All adapted Linears of one shape run together, the same math:
+methods/batched/hra.py.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ into an ε-ball after each step) and ``block_share``.
 
 Mergeable exactly: W' is formed in every forward (one matmul with W' per Linear, no extra pass
 over the tokens) and folds into the Linear. Numerically equal to peft's OFT given the same
-parameters (tests/test_method_oft.py).
+parameters (tests/test_method_oft.py). All adapted Linears of one shape run together, the same
+math: methods/batched/oft.py (with dropout each matrix draws its own blocks, as here).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """HRA (methods/hra.py) for every adapted Linear of one shape at once: the vectors of all blocks
-and layers in one :class:`ParamPack`, the factors of ``ΔW = (W U) S`` (``S = T⁻¹ Uᵀ`` of the
+and layers in one :class:`ParamPack`, the factors of ``ΔW = (W U) S`` (``S = −T⁻¹ Uᵀ`` of the
 compact WY form, or ``−2 Qᵀ`` with ``gram_schmidt``) of all of them in one batched solve (or QR)
 per forward; each Linear then forms ``W' = W + ((W U_all) ⊙ mask) S_all`` of all its blocks in
 one ``addmm`` (``U_all``: its blocks' vectors side by side; ``mask``: block g's rows keep block
@@ -42,7 +42,7 @@ class HRABatched(BatchedDeltas):
             if self.gram_schmidt:
                 vecs = torch.linalg.qr(vecs).Q
                 right = -2 * vecs.mT
-            else:  # HRADelta.delta_weight for all blocks: T⁻¹ Uᵀ, T from the masked Gram matrices
+            else:  # HRADelta.delta_weight for all blocks: −T⁻¹ Uᵀ, −T the masked Gram matrix
                 right = torch.linalg.solve_triangular(vecs.mT @ vecs * getattr(self, f"wy_mask_{u}"), vecs.mT,
                                                       upper=True)
             left = vecs.view(L, G, n_in, r).permute(0, 2, 1, 3).reshape(L, n_in, G * r)
