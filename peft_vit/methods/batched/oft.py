@@ -61,7 +61,8 @@ class RotationBatched(BatchedDeltas):
             if not whole:
                 self.register_buffer(f"onehot_{u}", onehot, persistent=False)
                 free = (1 - onehot.sum(0))  # 1 where a row block is not adapted: identity rotation, scale 1
-                self.register_buffer(f"eye_{u}", free[:, None, None, None, None] * torch.eye(b, device=onehot.device), persistent=False)
+                eye = free[:, None, None, None, None] * torch.eye(b, device=onehot.device)
+                self.register_buffer(f"eye_{u}", eye, persistent=False)
                 self.register_buffer(f"ones_{u}", free[:, None].expand(NB, size).clone(), persistent=False)
             self.register_buffer(f"skew_map_{u}", first.skew_map, persistent=False)
             self.shapes.append((len(unit), G, NB, size, lin.in_features // b, b, whole))
