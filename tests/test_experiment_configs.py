@@ -244,7 +244,7 @@ def test_fgvc_rlrr_table_covers_the_registry():
 def test_fgvc_rlrr_schedule_builds_for_every_dataset():
     import torch
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     for name in RLRR_FGVC_RECIPE:
         c = compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}")

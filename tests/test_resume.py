@@ -73,7 +73,7 @@ def _no_hydra(cfg):
 def _model_state():
     from omegaconf import OmegaConf
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

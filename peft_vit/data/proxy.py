@@ -25,7 +25,7 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import DataSplits, PROTOCOLS, register_source
+from . import DataSplits, PROTOCOLS, register_benchmark, register_source
 
 IMG = 32
 VERSION = 4  # of the layout and the shared rendering; a generator of one task: its ProxyTask.version
@@ -374,6 +374,7 @@ TASKS: Dict[str, ProxyTask] = {t.name: t for t in [
     ProxyTask("orientation", "structured", 8, gen_orientation, "dsprites_ori"),
     ProxyTask("distance", "structured", len(DEPTH_BINS) - 1, gen_distance, "clevr_dist", version=2),
 ]}
+register_benchmark("proxy", "Proxy benchmark", TASKS, backbone="proxy ViT (32 px, width 96)")
 
 
 def get_task(name: str) -> ProxyTask:
