@@ -33,7 +33,6 @@ def read_runtime_keys(config_dir: Path = CONFIG_DIR) -> Tuple[str, ...]:
 
 
 RUNTIME_KEYS: Tuple[str, ...] = read_runtime_keys()
-IGNORED = RUNTIME_KEYS  # the name the run dir and older scripts use
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

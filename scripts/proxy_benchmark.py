@@ -61,7 +61,8 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     from omegaconf import open_dict
 
     from peft_vit.engine.loop import run
-    from peft_vit.engine.rundir import config_diff, fingerprint, record_config, result_config
+    from peft_vit.engine.rundir import record_config
+    from peft_vit.fingerprint import config_diff, fingerprint, result_config
     from peft_vit.record import RESULTS, RunContext, RunRecord
 
     from peft_vit.data.proxy import get_task, write_task

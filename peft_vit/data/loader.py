@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

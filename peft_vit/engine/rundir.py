@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..fingerprint import config_diff, fingerprint, result_config
 from ..record import RESULTS
-from ..fingerprint import IGNORED, config_diff, fingerprint, result_config  # noqa: F401 (the run dir's names)
 
 
 class ForeignStateError(RuntimeError):
