@@ -1,5 +1,11 @@
 """The training loop, top to bottom: config -> model -> data -> train/eval -> results.json.
 
+``run`` owns the run dir and calls the steps in order, one function each: ``set_up`` (device,
+model, data, the recipe of ``optim.py``), ``resume``, ``start_logging``, ``train`` (per epoch
+``train_epoch``, then ``evaluate_epoch`` and ``save_checkpoint`` when due; a stop signal is
+answered by ``stop_here`` alone), ``make_record`` and ``finish``. A :class:`Run` carries their
+state. The loop draws nothing: the caller (``train.py``) draws figures from the record.
+
 Protocols (named in every output):
   tune   fit train800,       report val200 (``val_acc``)
   final  fit train800val200, report test   (``test_acc``)
