@@ -54,6 +54,10 @@ def result_config(cfg: Any) -> Dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf, open_dict
 
     if isinstance(cfg, DictConfig):
+        declared = cfg.get("runtime_keys")
+        if declared is not None and tuple(declared) != RUNTIME_KEYS:
+            raise ValueError(f"runtime_keys={list(declared)} differs from configs/config.yaml's {list(RUNTIME_KEYS)}: "
+                             f"the fingerprint reads the file; change the list there, not on the command line")
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             cfg.pop("hydra", None)  # a launcher's job config has it; the run's has not

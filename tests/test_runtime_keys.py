@@ -71,7 +71,14 @@ def test_a_new_runtime_key_is_left_out_by_all_three(tmp_path, monkeypatch):
     after = [three_views(compose_from(configs, *o)) for o in runs]
     assert after[0] == after[1]
     assert after[0][2] == "optim.lr=0.1"
-    assert after[0][0] == three_views(compose_from(CONFIGS, "optim.lr=0.1"))[0]  # as if never set
+    assert after[0][0] == three_views(compose_from(configs, "optim.lr=0.1"))[0]  # as if never set
+
+
+def test_runtime_keys_overridden_on_the_command_line_is_refused():
+    """The fingerprint reads configs/config.yaml's list; a run whose own list differs (an override)
+    would name its sweep dirs by another list than its fingerprint uses."""
+    with pytest.raises(ValueError, match="runtime_keys=.*change the list there"):
+        fp.result_config(compose_from(CONFIGS, "runtime_keys=[hydra,paths]"))
 
 
 def test_fingerprints_of_existing_configs_unchanged():
