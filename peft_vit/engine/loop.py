@@ -122,14 +122,15 @@ def run(cfg: DictConfig, context: Optional[RunContext] = None) -> RunRecord:
 
 class Run:
     """What one run carries from step to step: its config, device, model, data, optimisation
-    state, logger and position (``epoch``, ``step``, ``history``, ``train_time``,
-    ``images_seen``: what a checkpoint saves besides the weights and optimiser)."""
+    state and logger, where it starts (``start_epoch``, ``start_step``: 0 or a checkpoint's) and
+    what it has done (``history``, ``train_time``, ``images_seen``: what a checkpoint saves besides
+    the weights, optimiser and position)."""
 
     def __init__(self, cfg: DictConfig, context: RunContext, result_cfg, t_start: float):
         self.cfg, self.tcfg, self.context, self.result_cfg, self.t_start = cfg, cfg.trainer, context, result_cfg, t_start
         self.out_dir = Path(context.output_dir)
         self.ckpt_path = self.out_dir / CHECKPOINT
-        self.epoch, self.step, self.history, self.train_time, self.images_seen = 0, 0, [], 0.0, 0
+        self.start_epoch, self.start_step, self.history, self.train_time, self.images_seen = 0, 0, [], 0.0, 0
 
 
 def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> RunRecord:
@@ -206,10 +207,10 @@ def resume(r: Run) -> None:
     if state is None:
         return
     checkpoint.restore(r.ckpt_path, state, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
-    r.epoch, r.step = state["epoch"], state["step"]
+    r.start_epoch, r.start_step = state["epoch"], state["step"]
     r.history, r.train_time, r.images_seen = (state["extra"].get(k) for k in ("history", "train_time", "images_seen"))
     if r.d.is_main:
-        print(f"[peft-vit] resumed from {r.ckpt_path} at epoch {r.epoch}, step {r.step}")
+        print(f"[peft-vit] resumed from {r.ckpt_path} at epoch {r.start_epoch}, step {r.start_step}")
 
 
 def save_checkpoint(r: Run, epoch: int, step: int) -> None:
@@ -239,21 +240,21 @@ def progress_bar(r: Run):
 
     tcfg = r.tcfg
     every = 0.2 if sys.stderr.isatty() else float(tcfg.log_every_s)
-    return tqdm(total=tcfg.epochs * r.steps_per_epoch, initial=r.epoch * r.steps_per_epoch + r.step,
+    return tqdm(total=tcfg.epochs * r.steps_per_epoch, initial=r.start_epoch * r.steps_per_epoch + r.start_step,
                 disable=not (tcfg.progress and r.d.is_main), dynamic_ncols=True, desc=r.cfg.method.name,
                 mininterval=every, maxinterval=max(every, 10.0))
 
 
 def train(r: Run) -> None:
-    """Epochs from the run's position to ``trainer.epochs``; each is trained, then evaluated and
+    """Epochs from the run's start to ``trainer.epochs``; each is trained, then evaluated and
     checkpointed when due. A stop signal is answered at the next step boundary, or after the
     evaluation in progress (after the last one, the run just finishes)."""
     stop = StopSignal()
     bar = progress_bar(r)
     say = bar.write if sys.stderr.isatty() else print  # one line per evaluation (tqdm.write redraws the bar)
     try:
-        for epoch in range(r.epoch, r.tcfg.epochs):
-            train_epoch(r, epoch, r.step if epoch == r.epoch else 0, stop, bar)
+        for epoch in range(r.start_epoch, r.tcfg.epochs):
+            train_epoch(r, epoch, r.start_step if epoch == r.start_epoch else 0, stop, bar)
             last = epoch + 1 == r.tcfg.epochs
             if last or (r.tcfg.eval_every and (epoch + 1) % r.tcfg.eval_every == 0):
                 evaluate_epoch(r, epoch, say)
