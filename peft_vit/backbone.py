@@ -6,14 +6,20 @@ Family-specific needs handled here: the classifier is whatever ``get_classifier(
 ``head``, Swin ``head.fc``); ``img_size`` must tile into whole patches (ViT) or whole attention
 windows at every stage (Swin), else a clear error; and a checkpoint whose pooling head differs
 from the requested one (MAE's fine-tuning head: average pooling and a fresh ``fc_norm`` instead of
-the pretrained final ``norm``) is loaded into the requested architecture by name."""
+the pretrained final ``norm``) is loaded into the requested architecture by name.
+
+The model's layout, which methods place themselves by: :func:`backbone_family`, the transformer
+blocks in forward order (:data:`BLOCK_NAME`, :func:`block_names`) and the block a module sits in
+(:func:`layer_index`)."""
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlparse
 
 import timm
@@ -195,3 +201,46 @@ def check_img_size(model: nn.Module, name: str, img_size: int) -> None:
     elif img_size % patch:
         raise ValueError(f"model.img_size={img_size} is not a multiple of the patch size {patch} of {name} "
                          f"(e.g. model.img_size={max(patch, img_size // patch * patch)})")
+
+
+# --------------------------------------------------------------------------- layout
+
+# The transformer blocks of the timm families this project supports, in forward order: ViT and its
+# relatives (DINOv2, CLIP, MAE) ``blocks.N``; Swin ``layers.S.blocks.N`` (hierarchical: the width
+# grows by stage). A method locates its sites relative to these names (``<block>.attn.qkv``).
+BLOCK_NAME = re.compile(r"(?:layers\.\d+\.)?blocks\.\d+")
+
+
+def backbone_family(model: nn.Module) -> str:
+    """``vit`` or ``swin`` (timm's ``VisionTransformer`` / ``SwinTransformer``), else the class name."""
+    kind = type(model).__name__
+    return {"VisionTransformer": "vit", "SwinTransformer": "swin"}.get(kind, kind)
+
+
+def block_names(model: nn.Module, pattern: Optional[str] = None) -> List[str]:
+    """The names of the model's transformer blocks, in forward order (:data:`BLOCK_NAME`), or those
+    matching the fnmatch ``pattern`` (a method's ``blocks`` option) when one is given."""
+    if pattern is None:
+        names = [n for n, _ in model.named_modules() if BLOCK_NAME.fullmatch(n)]
+    else:
+        names = [n for n, _ in model.named_modules() if fnmatch.fnmatch(n, pattern) and n.count(".") == pattern.count(".")]
+    if not names:
+        want = repr(pattern) if pattern else "blocks.N or layers.S.blocks.N"
+        raise ValueError(f"{type(model).__name__}: no transformer block matches {want}; pass the blocks' "
+                         "module names as a pattern (a method's `blocks` option, e.g. method.blocks='blocks.*')")
+    return names
+
+
+def layer_index(model: nn.Module, pattern: Optional[str] = None) -> Callable[[str], int]:
+    """``index(module_name)``: the position of the block holding that module among
+    :func:`block_names` (one count across Swin's stages), -1 outside every block."""
+    where = {b: i for i, b in enumerate(block_names(model, pattern))}
+
+    def index(name: str) -> int:
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            i = where.get(".".join(parts[:k]))
+            if i is not None:
+                return i
+        return -1
+    return index

@@ -1,11 +1,64 @@
-"""Config helpers for the entry point."""
+"""Config helpers for the entry point: option listing for bad choices, and what an experiment preset
+covers (its methods, the rows of its per-task and per-method tables)."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+# the config groups of configs/ (the composed config's other top-level dicts are a preset's tables)
+GROUPS = ("model", "method", "dataset", "optim", "trainer", "logger", "paths", "hydra")
+
+
+def preset_methods(preset: str, config_dir: Path = CONFIG_DIR) -> List[str]:
+    """The methods an experiment preset covers (has a recipe for): its default method (``override
+    /method: X`` in its defaults), each method with a per-(preset, method) file
+    ``configs/experiment_method/<preset>/<method>.yaml``, and the entries of a table the preset reads
+    by method name (``${proxy_lr.${method.name}}``). Any other method runs with its own defaults
+    and the preset's shared recipe, unless the preset reads such a table (then it is refused)."""
+    from omegaconf import OmegaConf
+
+    path = config_dir / "experiment" / f"{preset}.yaml"
+    raw = OmegaConf.load(path)
+    methods = [v for d in raw.get("defaults", []) if OmegaConf.is_dict(d)
+               for k, v in d.items() if k.split()[-1] in ("/method", "method")]
+    methods += sorted(p.stem for p in (config_dir / "experiment_method" / preset).glob("*.yaml"))
+    for table in re.findall(r"\$\{(\w+)\.\$\{method\.name\}\}", path.read_text()):
+        methods += list(raw[table])
+    return list(dict.fromkeys(methods))
+
+
+def recipe_gap(cfg, preset: Optional[str]) -> Optional[str]:
+    """One line when the composed config reads a preset's table (``rlrr_hparams``, ``proxy_lr``,
+    ...) at a row it lacks (a task without official values, a method without a tuned lr): which
+    preset, which choice, and the rows the table has. None when the config resolves."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        return None
+    except InterpolationKeyError as e:
+        found = re.search(r"Interpolation key '([^']+)' not found", str(e))
+        parts = found.group(1).split(".") if found else []
+        if not parts or parts[0] in GROUPS or not OmegaConf.is_dict(cfg.get(parts[0])):
+            raise
+        node, path = cfg[parts[0]], [parts[0]]
+        for part in parts[1:]:
+            if part not in node or not OmegaConf.is_dict(node[part]):
+                break
+            node, path = node[part], path + [part]
+        missing = parts[len(path)]
+        choice = (f"method={missing}" if missing == OmegaConf.select(cfg, "method.name")
+                  else f"dataset={cfg.dataset.name}/{cfg.dataset.task}"
+                  if missing in (OmegaConf.select(cfg, "dataset.name"), OmegaConf.select(cfg, "dataset.task"))
+                  else f"{'.'.join(parts[:len(path) + 1])}")
+        return (f"experiment={preset or '?'} does not cover {choice}: {'.'.join(path)} has entries for "
+                f"{', '.join(map(str, node))} only")
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> List[str]:

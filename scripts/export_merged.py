@@ -50,8 +50,9 @@ def compose_config(config: Optional[str], overrides: List[str]):
 
 
 def load_trainable(model, path: str) -> Dict[str, int]:
-    """Load a safetensors (or torch) file of parameters by name; every trainable parameter of
-    ``model`` must be in it, and nothing in it may be unknown to ``model``."""
+    """Load a safetensors (or torch) file of trainable tensors keyed by layer
+    (:mod:`peft_vit.methods.weights`); every trainable tensor of ``model`` must be in it, and
+    nothing in it may be unknown to ``model``."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -61,11 +62,12 @@ def load_trainable(model, path: str) -> Dict[str, int]:
 
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("trainable", state)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"{path}: {len(result.unexpected_keys)} tensors the model does not have, e.g. "
-                       f"{result.unexpected_keys[:3]}; was the run built with another method config?")
-    absent = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    from peft_vit.methods.weights import load_layer_state
+
+    unexpected, absent = load_layer_state(model, state)  # by layer; older packed files converted
+    if unexpected:
+        raise KeyError(f"{path}: {len(unexpected)} tensors the model does not have, e.g. "
+                       f"{unexpected[:3]}; was the run built with another method config?")
     if absent:
         raise KeyError(f"{path} lacks {len(absent)} trainable parameters, e.g. {absent[:3]}")
     return {"loaded_tensors": len(state)}

@@ -31,6 +31,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from peft_vit.report.collect import SelectionError, load_records, select_best  # noqa: E402
 
@@ -39,36 +40,12 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", help="sweep directories (searched recursively for results.json)")
-    ap.add_argument("--metric", default="val_acc",
-                    help="val_acc (last-epoch val200 accuracy, default) or best_acc_over_epochs (max over "
-                         "epochs on val200)")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of the final runs (default 0,1,2)")
-    ap.add_argument("--out", default="selection", help="output directory (default: selection/)")
-    ap.add_argument("--ignore-final", action="store_true", help="skip final/test records instead of refusing")
-    a = ap.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-
-    col = load_records(a.dirs)
-    for msg in col.issues:
-        print(f"warning: {msg} (skipped)", file=sys.stderr)
-    notes = []
-    try:
-        sels = select_best(col.records, a.metric, ignore_final=a.ignore_final, notes=notes)
-    except SelectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
-    if not sels:
-        print("no tune-protocol records found", file=sys.stderr)
-        return 1
-
-    out = Path(a.out)
+def write_selection(sels, out: Path, seeds: Sequence[int], metric: str = "val_acc") -> None:
+    """Prints the selections and writes selection.yaml, final_jobs.txt and final_commands.sh to ``out``
+    (also called by scripts/reproduce.py)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{'dataset':8} {'method':12} {'task':14} {'experiment':14} {a.metric:>16} {'seeds':>5} {'cands':>5}  chosen")
+    print(f"{'dataset':8} {'method':12} {'task':14} {'experiment':14} {metric:>16} {'seeds':>5} {'cands':>5}  chosen")
     doc, jobs, cmds = [], [], []
     for s in sels:
         b = s.best
@@ -102,6 +79,36 @@ def main(argv=None) -> int:
     (out / "final_commands.sh").write_text("#!/usr/bin/env bash\n# protocol=final on train800val200 with the "
                                            "hyper-parameters selected on val200\nset -e\n" + "\n".join(cmds) + "\n")
     print(f"\n{out / 'selection.yaml'}\n{out / 'final_jobs.txt'} ({len(jobs)} jobs)\n{out / 'final_commands.sh'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", help="sweep directories (searched recursively for results.json)")
+    ap.add_argument("--metric", default="val_acc",
+                    help="val_acc (last-epoch val200 accuracy, default) or best_acc_over_epochs (max over "
+                         "epochs on val200)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the final runs (default 0,1,2)")
+    ap.add_argument("--out", default="selection", help="output directory (default: selection/)")
+    ap.add_argument("--ignore-final", action="store_true", help="skip final/test records instead of refusing")
+    a = ap.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+
+    col = load_records(a.dirs)
+    for msg in col.issues:
+        print(f"warning: {msg} (skipped)", file=sys.stderr)
+    notes = []
+    try:
+        sels = select_best(col.records, a.metric, ignore_final=a.ignore_final, notes=notes)
+    except SelectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if not sels:
+        print("no tune-protocol records found", file=sys.stderr)
+        return 1
+
+    write_selection(sels, Path(a.out), seeds, a.metric)
     return 0
 
 

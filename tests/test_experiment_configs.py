@@ -4,7 +4,8 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS, compose
 
-PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr", "fgvc_hta"]
+PRESETS = ["vtab_noah", "vtab_rlrr", "vtab_hta", "vtab_honest", "fgvc_rlrr", "fgvc_hta", "vtab_fact", "vtab_ssf",
+           "vtab_vpt"]
 
 # RLRR's per-task lr / wd / drop / flip (official configs, github.com/zstarN70/RLRR; docs/REFERENCE.md §4)
 RLRR_VTAB_RECIPE = """caltech101 1e-3/5e-5/.1/no · cifar 3e-3/5e-5/.1/no · dtd 2e-3/5e-5/.1/yes ·
@@ -62,7 +63,8 @@ def test_preset_sets_only_known_keys(preset):
     preset_cfg = compose(f"experiment={preset}")
     base = job(compose(f"dataset={preset_cfg.hydra.runtime.choices.dataset}"))
     base["method"] = job(compose(f"method={preset_cfg.method.name}"))["method"]
-    new_ok = {"optim.cooldown_epochs", "model.zero_head"}
+    base["optim"] = job(compose(f"optim={preset_cfg.hydra.runtime.choices.optim}"))["optim"]
+    new_ok = {"optim.cooldown_epochs", "model.zero_head", "optim.lr_step"}
 
     def walk(d, prefix=""):
         for k, v in d.items():
@@ -72,7 +74,8 @@ def test_preset_sets_only_known_keys(preset):
             else:
                 yield key
 
-    for key in walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra", "rlrr_hparams", "rlrr_fgvc_hparams")}):
+    tables = [k for k in raw if k.endswith("_hparams")]  # the per-task tables the keys read
+    for key in walk({k: v for k, v in raw.items() if k not in ("defaults", "hydra", *tables)}):
         node = base
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) and part in node else KeyError
@@ -131,7 +134,8 @@ def test_vtab_rlrr_command_line_wins():
 
 
 def test_vtab_rlrr_other_method():
-    c = compose("experiment=vtab_rlrr", "method=householder", "~method.drop", "dataset.task=svhn")
+    """Another method gets the shared recipe (drop path per task) and none of RLRR's own keys."""
+    c = compose("experiment=vtab_rlrr", "method=householder", "dataset.task=svhn")
     assert c.method.name == "householder" and "drop" not in c.method and c.model.drop_path_rate == 0.3
     import peft_vit
 
@@ -255,3 +259,124 @@ def test_fgvc_rlrr_schedule_builds_for_every_dataset():
 def test_fgvc_rlrr_rejects_a_vtab_dataset():
     with pytest.raises(Exception):
         job(compose("experiment=fgvc_rlrr", "dataset=vtab/cifar"))
+
+
+def test_vtab_noah_adaptformer_is_the_reprinted_016m_setting():
+    """AdaptFormer's VTAB-1k row (paper_results.yaml) is the 0.16M setting: bottleneck 8, its own init."""
+    c = compose("experiment=vtab_noah", "method=adaptformer")
+    assert (c.method.bottleneck, c.method.init) == (8, "lora")
+    assert compose("method=adaptformer").method.bottleneck == 64  # the method's own default stays
+    from peft_vit.report.tables import load_paper
+
+    row = next(r for r in load_paper()["vtab"] if r["method"] == "adaptformer")
+    assert row["recipe"] == "vtab_noah" and row["setting"] == "method.bottleneck=8"
+
+
+# FacT-TK's per-task (rank, scale): FacT/configs/tk/<task>.yaml of JieShibo/PETL-ViT (docs/REFERENCE.md §4)
+FACT_TK = """cifar 32/0.1 · caltech101 32/10 · dtd 16/0.01 · flowers 32/1 · pets 16/10 · svhn 32/100 ·
+  sun397 16/1 · camelyon 32/10 · eurosat 32/100 · resisc45 32/10 · retinopathy 16/1 · clevr_count 32/10 ·
+  clevr_dist 16/10 · dmlab 32/10 · kitti 32/10 · dsprites_loc 32/100 · dsprites_ori 32/1 ·
+  smallnorb_azi 32/100 · smallnorb_ele 16/10"""
+# SSF's per-task (lr, weight decay, drop path): train_scripts/vit/vtab/<task>/train_ssf.sh of dongzelian/SSF
+SSF = """cifar 5e-3/5e-5/0 · caltech101 1e-3/5e-2/.1 · dtd 5e-3/5e-5/0 · flowers 5e-3/5e-5/0 · pets 5e-3/5e-5/0 ·
+  svhn 1e-2/5e-5/0 · sun397 5e-3/5e-5/0 · camelyon 5e-3/5e-5/0 · eurosat 3e-3/5e-2/.2 · resisc45 2e-3/5e-5/.1 ·
+  retinopathy 5e-3/5e-5/.2 · clevr_count 2e-3/5e-2/.1 · clevr_dist 5e-2/5e-2/.1 · dmlab 5e-3/5e-5/.1 ·
+  kitti 1e-2/5e-5/0 · dsprites_loc 1e-2/5e-5/0 · dsprites_ori 5e-3/5e-5/.2 · smallnorb_azi 2e-2/5e-5/.1 ·
+  smallnorb_ele 5e-3/5e-2/.2"""
+
+
+def spec(text):
+    return {name: tuple(float(v) for v in vals.split("/"))
+            for name, vals in (item.split() for item in text.replace("\n", " ").split("·"))}
+
+
+def test_fact_and_ssf_tables_cover_the_registry():
+    for preset, table, text in (("vtab_fact", "fact_hparams", FACT_TK), ("vtab_ssf", "ssf_hparams", SSF)):
+        rows = OmegaConf.load(CONFIGS / "experiment" / f"{preset}.yaml")[table].vtab
+        assert list(rows) == vtab_task_names() and set(rows) == set(spec(text))
+
+
+@pytest.mark.parametrize("task", vtab_task_names())
+def test_vtab_fact_every_task(task):
+    rank, scale = spec(FACT_TK)[task]
+    j = job(compose("experiment=vtab_fact", f"dataset=vtab/{task}"))
+    assert j["method"]["name"] == "fact_tk" and (j["method"]["rank"], j["method"]["scale"]) == (rank, scale)
+    o, t = j["optim"], j["trainer"]
+    assert (o["name"], o["lr"], o["weight_decay"], o["warmup_epochs"], o["warmup_lr"], o["min_lr"]) == \
+        ("adamw", 1e-3, 1e-4, 10, 1e-6, 1e-5)
+    assert (o["cooldown_epochs"], o["lr_step"]) == (0, "epoch")
+    assert (t["epochs"], t["batch_size"], t["eval_every"]) == (100, 64, 10)
+    assert (j["model"]["drop_path_rate"], j["dataset"]["normalize"], j["dataset"]["flip"]) == (0.1, "imagenet", False)
+    assert j["protocol"] == "final"
+
+
+@pytest.mark.parametrize("task", vtab_task_names())
+def test_vtab_ssf_every_task(task):
+    lr, wd, dp = spec(SSF)[task]
+    j = job(compose("experiment=vtab_ssf", f"dataset=vtab/{task}"))
+    o, t = j["optim"], j["trainer"]
+    assert j["method"] == job(compose("method=ssf"))["method"]  # SSF's own defaults: no per-task method value
+    assert (o["lr"], o["weight_decay"], j["model"]["drop_path_rate"]) == (lr, wd, dp)
+    assert (o["warmup_epochs"], o["warmup_lr"], o["min_lr"], o["cooldown_epochs"], o["lr_step"]) == \
+        (10, 1e-7, 1e-8, 10, "epoch")
+    assert (t["epochs"], t["batch_size"], t["label_smoothing"], t["eval_every"]) == (110, 64, 0.0, 1)  # 32 × 2 GPUs
+    assert (j["dataset"]["normalize"], j["dataset"]["flip"]) == ("half", False)
+
+
+# VPT-deep: the three tasks KMnP/vpt's demo.ipynb gives (prompts, batch, base_lr, weight decay)
+VPT = {"dmlab": (100, 64, 0.25, 1e-3), "sun397": (5, 128, 12.5, 1e-4), "eurosat": (100, 64, 0.25, 1e-3)}
+
+
+@pytest.mark.parametrize("task", sorted(VPT))
+def test_vtab_vpt_official_tasks(task):
+    tokens, batch, base_lr, wd = VPT[task]
+    j = job(compose("experiment=vtab_vpt", f"dataset=vtab/{task}"))
+    o = j["optim"]
+    assert (j["method"]["name"], j["method"]["num_tokens"], j["method"]["dropout"]) == ("vpt_deep", tokens, 0.1)
+    assert (o["name"], o["momentum"], o["lr"], o["weight_decay"]) == ("sgd", 0.9, base_lr / 256 * batch, wd)
+    assert (o["warmup_epochs"], o["warmup_lr"], o["min_lr"], o["lr_step"]) == (10, 0.0, 0.0, "epoch")
+    assert (j["trainer"]["batch_size"], j["trainer"]["epochs"]) == (batch, 100)
+    assert (j["dataset"]["normalize"], j["dataset"]["interpolation"]) == ("imagenet", "bilinear")
+
+
+def test_vtab_vpt_holds_only_the_sourced_tasks():
+    rows = OmegaConf.load(CONFIGS / "experiment" / "vtab_vpt.yaml").vpt_hparams.vtab
+    assert set(rows) == set(VPT)
+    c = compose("experiment=vtab_vpt", "dataset=vtab/cifar", "method.num_tokens=50", "optim.lr=0.1",
+                "optim.weight_decay=0.001", "trainer.batch_size=64")
+    assert job(c)["method"]["num_tokens"] == 50  # the command line still wins (and supplies a task's values)
+
+
+def _lrs(ocfg, epochs=3, steps=4):
+    import torch
+
+    from peft_vit.engine.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ocfg["lr"])
+    sched = build_scheduler(opt, OmegaConf.create(ocfg), epochs, steps_per_epoch=steps)
+    out = []
+    for n in range(1, epochs * steps + 1):
+        out.append(opt.param_groups[0]["lr"])
+        sched.step_update(n)
+    return out
+
+
+def test_lr_step_epoch_holds_each_epochs_lr():
+    base = dict(lr=1.0, warmup_epochs=1, warmup_lr=0.0, min_lr=0.0, cooldown_epochs=0, restart_epochs=None)
+    per_step, per_epoch = _lrs(base), _lrs(dict(base, lr_step="epoch"))
+    assert per_epoch == [per_step[e * 4] for e in range(3) for _ in range(4)]  # the lr at each epoch's start
+    assert per_epoch[:4] == [0.0] * 4 and per_epoch[4] > 0.0 and per_step[1] > 0.0  # warm-up from 0
+    with pytest.raises(ValueError, match="optim.lr_step='step'"):
+        _lrs(dict(base, lr_step="step"))
+
+
+def test_sgd_optimizer():
+    import torch
+
+    from peft_vit.engine.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    o = compose("optim=sgd_cosine").optim
+    opt = build_optimizer(model, o, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, o.weight_decay]  # no decay on the bias

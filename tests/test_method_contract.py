@@ -2,17 +2,24 @@
 constructor's parameters, its exact ViT-B/16 count, whether it starts as the backbone, every
 trainable tensor moves and every frozen one stays, and it learns on digits. (Merging, over
 ``METHODS`` as well, is in test_merge.py.) Adding a method costs one row here; its own test file
-holds only what is specific to its math."""
+holds only what is specific to its math.
+
+The checks are functions of a builder and a row (``check_*``), so a method that is not in the
+registry runs through them too: :class:`ToyLowRank` below, written as a new contributor would
+(a plain Delta with ``forward`` and ``delta_weight``, no batched plan), registered only here."""
 import inspect
-from typing import NamedTuple, Optional
+import math
+from typing import Callable, NamedTuple, Optional
 
 import pytest
 import torch
+import torch.nn as nn
 from omegaconf import OmegaConf
 
 import peft_vit
 from conftest import CONFIGS, TINY_JAX, TINY_MODEL, VIT_B16, build, digits_accuracy, train_steps
 from peft_vit.methods import METHODS
+from peft_vit.methods.base import Delta, Method, adapt_linears, register_method
 
 FULL = 85_798_656  # the ViT-B/16 backbone without its head
 HEAD = 768 * 100 + 100  # VIT_B16's 100-class head
@@ -69,29 +76,34 @@ def test_config_keys_are_the_constructor_parameters(method):
         assert (list(default) if isinstance(default, tuple) else default) == v, k
 
 
-@pytest.mark.parametrize("method", ROWS)
-def test_vit_b16_count(method):
-    c = peft_vit.count_parameters(build(method, VIT_B16))
-    assert c["trainable_params_no_head"] == ROWS[method].count
-    assert c["trainable_params"] == ROWS[method].count + HEAD
+Builder = Callable[..., nn.Module]  # (model config, **method overrides) -> the adapted model
+
+
+def builder(method: str) -> Builder:
+    """A registered method, from configs/method/<method>.yaml (conftest.build)."""
+    return lambda model=TINY_MODEL, **kwargs: build(method, model, **kwargs)
+
+
+def check_vit_b16_count(make: Builder, row: Row, adds_none: bool = False) -> None:
+    c = peft_vit.count_parameters(make(VIT_B16))
+    assert c["trainable_params_no_head"] == row.count
+    assert c["trainable_params"] == row.count + HEAD
     # full and bitfit train the backbone's own tensors: they add none
-    assert c["total_params"] == FULL + HEAD + (0 if method in ("full", "bitfit") else ROWS[method].count)
+    assert c["total_params"] == FULL + HEAD + (0 if adds_none else row.count)
 
 
-@pytest.mark.parametrize("method", ROWS)
-def test_identity_at_start(method, tiny_input):
-    plain, model = build("linear").eval(), build(method).eval()  # same seed: the same backbone
+def check_identity_at_start(make: Builder, row: Row, x: torch.Tensor) -> None:
+    plain, model = build("linear").eval(), make().eval()  # same seed: the same backbone
     with torch.no_grad():
-        out, ref = model(tiny_input), plain(tiny_input)
-    if ROWS[method].identity:
+        out, ref = model(x), plain(x)
+    if row.identity:
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     else:
         assert not torch.allclose(out, ref, atol=1e-3)
 
 
-@pytest.mark.parametrize("method,kwargs", VARIANTS, ids=_id)
-def test_every_trainable_tensor_moves_and_every_frozen_one_stays(method, kwargs):
-    model = build(method, **kwargs)
+def check_trainable_tensors_move_and_frozen_stay(make: Builder, **kwargs) -> None:
+    model = make(**kwargs)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"head.weight", "head.bias"} <= trainable
@@ -101,11 +113,88 @@ def test_every_trainable_tensor_moves_and_every_frozen_one_stays(method, kwargs)
     assert not [n for n in set(params) - trainable if not torch.equal(params[n], before[n])], "frozen but changed"
 
 
+def check_learns_digits(make: Builder, row: Row) -> None:
+    settings = dict(row.digits)
+    acc = digits_accuracy(make(settings.pop("model")), **settings)
+    assert acc > 0.30, acc
+
+
+@pytest.mark.parametrize("method", ROWS)
+def test_vit_b16_count(method):
+    check_vit_b16_count(builder(method), ROWS[method], adds_none=method in ("full", "bitfit"))
+
+
+@pytest.mark.parametrize("method", ROWS)
+def test_identity_at_start(method, tiny_input):
+    check_identity_at_start(builder(method), ROWS[method], tiny_input)
+
+
+@pytest.mark.parametrize("method,kwargs", VARIANTS, ids=_id)
+def test_every_trainable_tensor_moves_and_every_frozen_one_stays(method, kwargs):
+    check_trainable_tensors_move_and_frozen_stay(builder(method), **kwargs)
+
+
 @pytest.mark.parametrize("method", [m for m, r in ROWS.items() if r.digits is not None])
 def test_learns_digits(method):
-    settings = dict(ROWS[method].digits)
-    acc = digits_accuracy(build(method, settings.pop("model")), **settings)
-    assert acc > 0.30, acc
+    check_learns_digits(builder(method), ROWS[method])
+
+
+# --------------------------------------------------------------------------- a new contributor's method
+
+class ToyLowRankDelta(Delta):
+    """ΔW = up · down (LoRA's form), with nothing but the math: no batched plan, no packing."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x, weight, bias):
+        return (x @ self.down.t().to(x.dtype)) @ self.up.t().to(x.dtype)
+
+    def delta_weight(self, weight):
+        return self.up @ self.down
+
+
+class ToyLowRank(Method):
+    def __init__(self, rank: int = 2, targets=("q", "v")):
+        self.rank, self.targets = int(rank), list(targets)
+
+    def inject(self, model: nn.Module) -> None:
+        adapt_linears(model, self.targets, lambda site: ToyLowRankDelta(site.out_features, site.in_features, self.rank))
+
+
+TOY = "toy_lowrank"
+TOY_ROW = Row(12 * 2 * 2 * (768 + 768), True)  # q and v blocks of 12 layers, rank 2: 73,728
+
+
+@pytest.fixture
+def toy() -> Builder:
+    """ToyLowRank registered for one test only (test_rows_cover_the_registry and the other files
+    see the registry without it)."""
+    register_method(TOY)(ToyLowRank)
+
+    def make(model=TINY_MODEL, **kwargs):
+        torch.manual_seed(0)
+        return peft_vit.build_model(OmegaConf.create({"model": model, "method": {"name": TOY, **kwargs}}))
+    yield make
+    del METHODS[TOY]
+
+
+def test_new_contributors_method_keeps_the_contract(toy, tiny_input):
+    assert ToyLowRank.batched is None and not [n for n in dir(ToyLowRankDelta) if "batch" in n or "pack" in n]
+    check_vit_b16_count(toy, TOY_ROW)
+    check_identity_at_start(toy, TOY_ROW, tiny_input)
+    check_trainable_tensors_move_and_frozen_stay(toy)
+    check_trainable_tensors_move_and_frozen_stay(toy, targets=["qkv", "o"])
+    check_learns_digits(toy, TOY_ROW)
+    model = train_steps(toy(), tiny_input, steps=3)  # and it merges exactly into a plain ViT
+    with torch.no_grad():
+        ref = model(tiny_input)
+        peft_vit.merge(model)
+        torch.testing.assert_close(model(tiny_input), ref, atol=1e-5, rtol=1e-5)
+    assert type(model).__name__ == "VisionTransformer" and not any(isinstance(m, ToyLowRankDelta) for m in model.modules())
 
 
 def test_make_delta_gets_a_site_with_the_frozen_block():

@@ -14,7 +14,7 @@ def randomised(**kw):
     model = build("fact_tk", rank=4, scale=3.0, **kw).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.fact_tk.factors.parameters():
+        for p in model.fact_tk.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
 
@@ -36,7 +36,7 @@ def test_vit_b16_count(rank, expected):
     """U and V (768·r each), P (r × 144 pieces) and the core (r³), the paper's FacT-TK32 / TK8."""
     with torch.device("meta"):
         model = build("fact_tk", VIT_B16, rank=rank)
-    f = model.fact_tk.factors
+    f = model.fact_tk
     assert f.u.shape == (rank, 768) and f.v.shape == (768, rank) and f.p.shape == (rank, 144)
     assert f.c.shape == (rank,) * 3
     assert peft_vit.count_parameters(model)["trainable_params_no_head"] == expected == 2 * 768 * rank + 144 * rank + rank ** 3
@@ -53,7 +53,7 @@ def test_increments_equal_the_official_forward():
     """The official forward, rewritten here as maps of x, gives every merged increment: per block
     12 columns of P (q, k, v, o, fc1 ×4, fc2 ×4), the MLP's cores reshaped as it does."""
     model = randomised()
-    f = model.fact_tk.factors
+    f = model.fact_tk
     u, v, c, p, s = f.u.detach(), f.v.detach(), f.c.detach(), f.p.detach(), 3.0
     D, r = 64, 4
     deltas = merged_increments(model)
@@ -75,7 +75,7 @@ def test_increments_equal_the_official_forward():
 def test_tucker_layout_is_the_papers_formula():
     """layout=tucker: every D×D piece j is s · V (C ×₃ P_j)ᵀ U, one slice of the core each."""
     model = randomised(layout="tucker")
-    f = model.fact_tk.factors
+    f = model.fact_tk
     u, v, s, D = f.u.detach(), f.v.detach(), 3.0, 64
     cores = torch.einsum("abk,kj->jab", f.c.detach(), f.p.detach())
     piece = [s * v @ t.t() @ u for t in cores]

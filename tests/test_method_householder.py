@@ -120,7 +120,7 @@ def test_batched_dropout_masks_each_block_and_averages_to_eval():
         ref = qkv(x)
         model.train()
         batched._cache = batched.compute()
-        draws = torch.stack([batched.forward_linear(qkv, qkv.__dict__["_batched"][1], x) for _ in range(3000)])
+        draws = torch.stack([batched.forward_linear(qkv, qkv.served_by[1], x) for _ in range(3000)])
         batched._cache = None
         xg = batched.dropout(x.reshape(-1, 64).expand(3, 5, 64))
     assert not torch.equal(draws[0], draws[1])

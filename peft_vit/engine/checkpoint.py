@@ -14,7 +14,11 @@ from ..record import atomic_file
 
 
 def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors keyed by layer (:func:`peft_vit.methods.weights.layer_state`): the
+    checkpoint's ``trainable`` entry and the run's ``trainable.safetensors``."""
+    from ..methods.weights import layer_state
+
+    return layer_state(model)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -77,10 +81,11 @@ def read(path: Path) -> Dict[str, Any]:
 
 def restore(path: Path, state: Dict[str, Any], *, model: nn.Module, optimizer, scheduler, scaler) -> None:
     """Load ``state`` (from :func:`read`) into the model, optimiser, scheduler, scaler and RNGs."""
-    missing = model.load_state_dict(state["trainable"], strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeError(f"checkpoint {path} does not match the model: unexpected {missing.unexpected_keys[:5]}")
-    absent = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["trainable"]]
+    from ..methods.weights import load_layer_state
+
+    unexpected, absent = load_layer_state(model, state["trainable"])  # by layer; older packed files converted
+    if unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: unexpected {unexpected[:5]}")
     if absent:
         raise RuntimeError(f"checkpoint {path} lacks trainable parameters {absent[:5]}; was the config changed?")
     optimizer.load_state_dict(state["optimizer"])

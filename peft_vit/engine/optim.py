@@ -1,5 +1,6 @@
-"""The optimisation recipe: AdamW over the trainable parameters with the method's no-decay set,
-and a per-iteration schedule (linear warm-up, cosine, optional restarts and cool-down; timm).
+"""The optimisation recipe: AdamW (or VPT's SGD) over the trainable parameters with the method's
+no-decay set, and the schedule (linear warm-up, cosine, optional restarts and cool-down; timm),
+stepped per iteration or per epoch (``optim.lr_step``).
 The loop builds both here and only steps them."""
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
               {"params": [p for n, p in params if n not in skip], "weight_decay": ocfg.weight_decay}]
+    if ocfg.name == "sgd":  # VPT's optimiser (configs/optim/sgd_cosine.yaml)
+        return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum, fused=device.type == "cuda")
     if ocfg.name != "adamw":
-        raise ValueError(f"optim.name={ocfg.name!r}: only adamw is implemented")
+        raise ValueError(f"optim.name={ocfg.name!r}: choose adamw (configs/optim/adamw_cosine.yaml) or sgd "
+                         f"(configs/optim/sgd_cosine.yaml)")
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
                              fused=device.type == "cuda")
 
@@ -30,8 +34,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_p
     """Per-iteration linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then (RLRR's
     cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. With ``restart_epochs`` the cosine
     restarts from ``lr`` every that many epochs (SGDR, as RLRR's code for CUB and Dogs). Call
-    ``step_update(n)`` after the n-th optimiser step."""
+    ``step_update(n)`` after the n-th optimiser step. ``lr_step: epoch`` (FacT's, SSF's and VPT's
+    code: timm's or their scheduler stepped once per epoch) holds each epoch's lr for all its steps;
+    absent or ``iteration``: a new lr every step."""
     from timm.scheduler import CosineLRScheduler
+
+    class PerEpoch(CosineLRScheduler):
+        def step_update(self, num_updates: int, metric=None):  # the lr of the epoch the next step is in
+            return super().step_update(num_updates // steps_per_epoch * steps_per_epoch, metric)
+
+    lr_step = ocfg.get("lr_step", "iteration")
+    if lr_step not in ("iteration", "epoch"):
+        raise ValueError(f"optim.lr_step={lr_step!r}: choose iteration or epoch")
 
     cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
     if cosine_epochs <= 0:
@@ -43,6 +57,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_p
             raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
                              f"minus optim.cooldown_epochs), or null for one cosine")
         cycles = math.ceil(cosine_epochs / cycle)
-    return CosineLRScheduler(optimizer, t_initial=int(cycle * steps_per_epoch), lr_min=ocfg.min_lr,
-                             cycle_limit=cycles, warmup_t=int(ocfg.warmup_epochs * steps_per_epoch),
-                             warmup_lr_init=ocfg.warmup_lr, t_in_epochs=False)
+    return (PerEpoch if lr_step == "epoch" else CosineLRScheduler)(
+        optimizer, t_initial=int(cycle * steps_per_epoch), lr_min=ocfg.min_lr, cycle_limit=cycles,
+        warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr, t_in_epochs=False)

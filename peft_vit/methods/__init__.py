@@ -8,8 +8,11 @@ from .base import (METHODS, AdaptedLinear, Delta, InsertedAfter, Method, NotMerg
                    PeftModule, adapt_linears, count_parameters, get_method, insert_after, merge,
                    register_method)
 
+# the shared mechanism, not methods
+MECHANISM = {"base", "batched", "merging", "registry", "targeting", "weights", "wrappers"}
+
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
+    if _info.name not in MECHANISM:
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["METHODS", "AdaptedLinear", "Delta", "InsertedAfter", "Method", "NotMergeableError",

@@ -12,7 +12,7 @@ layers::
 several pieces runs ``y = x Wᵀ + b + dropout(x Q) R`` with ``Q = blockdiag(Uᵀ) K`` (in × n·r) and
 ``R = s · blockdiag(Vᵀ)`` (n·r × out), ``K`` its pieces' cores side by side: dropout (0.1) sits
 on the r-dim intermediate after the core, as in the official code. All cores come from one matmul
-``C·P`` per forward (:class:`FacTBatched`, which also owns the shared factors).
+``C·P`` per forward (methods/batched/fact_tk.py).
 A training step costs 1.13× full fine-tuning's ops (``scripts/benchmark.py --ops``, budget 1.14):
 four adapted Linears per block, each with its own low-rank path, since the dropout acts per token
 on the intermediate and so rules out one matmul with W + ΔW.
@@ -43,20 +43,20 @@ Choices from the official code where the paper is silent:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, PeftModule, UnsupportedBackboneError,
-                   adapt_linears, attach_batched, backbone_family, low_rank_output, register_method)
+from .base import (Delta, Mergeable, Method, PeftModule, UnsupportedBackboneError, adapt_linears,
+                   backbone_family, register_method)
 
 TARGETS = ("qkv", "o", "fc1", "fc2")  # whole Linears, in the official piece order
 
 
-class FacTFactors(PeftModule):
-    """The shared factors: u (r, D), v (D, r), core c (r, r, r), p (r, pieces)."""
+class FacTFactors(Mergeable, PeftModule):
+    """The shared factors: u (r, D), v (D, r), core c (r, r, r), p (r, pieces); ``model.fact_tk``.
+    Merging folds them into every adapted Linear, then removes them."""
 
     def __init__(self, dim: int, rank: int, pieces: int):
         super().__init__()
@@ -65,6 +65,9 @@ class FacTFactors(PeftModule):
         self.v = nn.Parameter(torch.zeros(dim, rank))
         self.c = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, rank, rank)))
         self.p = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, pieces)))
+
+    def merge(self) -> None:
+        return None
 
     def cores(self) -> torch.Tensor:
         """(pieces, r, r): T_j[a, b] = Σ_k c[a, b, k] p[k, j]."""
@@ -79,7 +82,7 @@ class FacTDelta(Delta):
     def __init__(self, factors: FacTFactors, first: int, p_in: int, p_out: int, interleave: bool,
                  scale: float, dropout: float):
         super().__init__()
-        self.__dict__["factors"] = factors  # plain reference: FacTBatched owns it
+        self.__dict__["factors"] = factors  # plain reference: the model owns it (model.fact_tk)
         self.first, self.p_in, self.p_out, self.interleave = first, p_in, p_out, interleave
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -120,37 +123,10 @@ class FacTDelta(Delta):
         return (q @ r).t()
 
 
-class FacTBatched(BatchedDeltas):
-    """Owns the shared factors; per forward, computes all cores in one matmul and the Q, R of
-    every adapted Linear of one kind (e.g. every ``attn.qkv``) for all layers at once."""
-
-    def __init__(self, factors: FacTFactors, units: List[List[AdaptedLinear]]):
-        super().__init__([lin for unit in units for lin in unit])
-        self.factors = factors
-        self.__dict__["units"] = units  # plain references: the Linears are in the model already
-        for u, unit in enumerate(units):
-            cols = [torch.arange(d.first, d.first + d.p_in * d.p_out) for d in (lin.deltas["all"] for lin in unit)]
-            self.register_buffer(f"cols_{u}", torch.stack(cols), persistent=False)
-
-    def compute(self):
-        t = self.factors.cores()
-        out = []
-        for u, unit in enumerate(self.units):
-            d0 = unit[0].deltas["all"]
-            q = d0.q_from(d0.kmat(t[getattr(self, f"cols_{u}")]))  # (L, in, p_out·r)
-            # R is the same for the L Linears; one view each, so that backward gathers their
-            # gradients in one op instead of L - 1 accumulations
-            r = d0.r_mat().expand(q.shape[0], -1, -1).unbind(0)
-            out.extend((qi, ri, d0.dropout) for qi, ri in zip(q.unbind(0), r))
-        return out
-
-    def forward_linear(self, lin, index, x):
-        q, r, dropout = self._cache[index]
-        return low_rank_output(lin, x, q, r, inner_dropout=dropout)
-
-
 @register_method("fact_tk")
 class FacTTK(Method):
+    batched = "fact_tk"  # all cores in one matmul, every Linear of one kind at once: methods/batched/fact_tk.py
+
     def __init__(self, rank: int = 32, scale: float = 10.0, dropout: float = 0.1,
                  targets: Sequence[str] = TARGETS, layout: str = "official"):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
@@ -189,9 +165,6 @@ class FacTTK(Method):
             d.first = first
             first += d.p_in * d.p_out
         factors = FacTFactors(dim, self.rank, first)
-        kinds: Dict[tuple, List[AdaptedLinear]] = {}
-        for name, mod in model.named_modules():
-            if isinstance(mod, AdaptedLinear) and isinstance(dict(mod.deltas).get("all"), FacTDelta):
-                mod.deltas["all"].__dict__["factors"] = factors
-                kinds.setdefault((name.rsplit(".", 1)[-1], tuple(mod.base.weight.shape)), []).append(mod)
-        attach_batched(model, "fact_tk", FacTBatched(factors, list(kinds.values())))
+        model.add_module("fact_tk", factors)
+        for _, _, d in sites:
+            d.__dict__["factors"] = factors

@@ -21,12 +21,10 @@ LN1, LN2 and the final norm and the head's bias do not. ``timm`` is timm's rule 
 decays, i.e. none of RLRR's parameters). The official script also zero-initialises the head:
 ``model.zero_head`` (set by the ``vtab_rlrr`` and ``fgvc_rlrr`` presets).
 
-The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``): for a Linear
-whose blocks are all adapted (q, k, v of the fused qkv) W' of all blocks is one broadcast op
-(:class:`RLRRBatched`); merging builds the same W' block by block. Each block's RLRR and SSF
-parameters live in one flat tensor per decay group (``blocks.i.rlrr_pack.<contents>_decay`` and
-``_nodecay``; one tensor with ``decay_groups: timm``), read as views under their names. SSF
-after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
+The forward builds W' and runs one matmul (``AdaptedLinear(weight_space=True)``); merging builds
+the same W' block by block. In training each block's RLRR and SSF parameters live in one flat
+tensor per decay group, and W' of all blocks of a fused Linear is one broadcast op
+(methods/batched/rlrr.py). SSF after a LayerNorm folds into the LayerNorm's affine (in training too: the forward
 runs one LayerNorm with the folded affine, so the LayerNorm's output is not stored twice); after the
 patch embedding it folds into the patch-projection conv (or the embedding's norm, when it has one).
 """
@@ -37,10 +35,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, InsertedAfter, Method, ParamPack, adapt_linears,
-                   attach_batched, block_names, insert_after, pack_parameters, register_method, replace_module)
+from .base import Delta, Method, adapt_linears, block_names, insert_after, register_method, replace_module
 from .ssf import SSF  # the SSF affine, shared with the ssf method
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
@@ -63,52 +59,9 @@ class RLRRDelta(Delta):
         return self.f
 
 
-class RLRRBatched(BatchedDeltas):
-    """RLRR's parameters of each block in one flat tensor (a :class:`ParamPack` per block), split
-    once per forward into the views every Linear and SSF of the block reads; a Linear whose
-    blocks are all adapted (q, k, v of the fused qkv, or the whole matrix) builds its
-    ``W' = W ⊙ (1 + s_out s_inᵀ)`` in one broadcast op over all its blocks."""
-
-    def __init__(self, packs, members):
-        # members[i]: (pack index, unit index, AdaptedLinear or SSF)
-        super().__init__([m for _, _, m in members])
-        self.__dict__["packs"] = list(packs)
-        self.members = [(p, u, isinstance(m, SSF)) for p, u, m in members]
-        self.shapes = [None if isinstance(m, SSF) else _fused_shape(m) for _, _, m in members]
-
-    def compute(self):
-        views = [pack.unpack() for pack in self.packs]
-        out = []
-        for (p, u, ssf), shape in zip(self.members, self.shapes):
-            v = views[p]
-            if ssf:
-                out.append((v[(u, "gamma")], v[(u, "beta")]))
-            else:
-                g, o, i = shape
-                out.append((v[(u, "s_out")].view(g, o, 1), v[(u, "s_in")].view(g, 1, i), v[(u, "f")]))
-        return out
-
-    def forward_linear(self, lin, index, x):
-        s_out, s_in, f = self._cache[index]
-        w = lin.base.weight
-        w3 = w.view(s_out.shape[0], s_out.shape[1], w.shape[1])
-        w = torch.addcmul(w3, w3, s_out * s_in).view_as(w)  # W ⊙ (1 + s_out s_inᵀ), all blocks at once
-        b = f if lin.base.bias is None else lin.base.bias + f
-        return F.linear(x, w, b)
-
-
 def _official_decays(module: nn.Module, name: str) -> bool:
     """Does the official code decay this parameter? s_in, s_out and the patch-embedding SSF."""
     return name in ("s_in", "s_out") if isinstance(module, RLRRDelta) else bool(getattr(module, "decays", False))
-
-
-def _fused_shape(lin: AdaptedLinear):
-    """(blocks, rows per block, in) when every block of ``lin`` is adapted, in row order."""
-    rows = sorted(lin.slices.values())
-    size = rows[0][1] - rows[0][0]
-    if rows != [(i * size, (i + 1) * size) for i in range(lin.out_features // size)]:
-        return None
-    return len(rows), size, lin.in_features
 
 
 class ResidualDropout(nn.Dropout):
@@ -120,6 +73,8 @@ class ResidualDropout(nn.Dropout):
 
 @register_method("rlrr")
 class RLRR(Method):
+    batched = "rlrr"  # one flat tensor per block, W' of a fused Linear in one op: methods/batched/rlrr.py
+
     def __init__(self, targets=TARGETS, ssf: bool = True, drop: Optional[float] = 0.1,
                  blocks: Optional[str] = None, decay_groups: str = "official"):
         if decay_groups not in ("official", "timm"):
@@ -149,37 +104,11 @@ class RLRR(Method):
                     start = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
                     ssf.__dict__["shift_into"] = (pos, start)
                 insert_after(model, "patch_embed", ssf)
-        self._pack(model, blocks)
         if self.drop is not None:
             rates = torch.linspace(0, self.drop, len(blocks)).tolist() if blocks else []
             for b, p in zip(blocks, rates):
                 for dp in ("drop_path1", "drop_path2"):
                     replace_module(model, f"{b}.{dp}", ResidualDropout(p))
-
-    def _pack(self, model: nn.Module, blocks) -> None:
-        """One flat parameter per block (the per-block counts stay where they were)."""
-        packs, members = [], []
-        for b in blocks:
-            block = model.get_submodule(b)
-            units, owners, label = [], [], []
-            for name, mod in block.named_modules():
-                if isinstance(mod, AdaptedLinear) and all(isinstance(d, RLRRDelta) for d in mod.deltas.values()):
-                    keys = sorted(mod.deltas, key=lambda k: mod.slices[k][0])
-                    units.append([mod.deltas[k] for k in keys])
-                    owners.append(mod if _fused_shape(mod) is not None else None)
-                    label.append("".join(keys) if keys != ["all"] else name.rsplit(".", 1)[-1])
-                elif isinstance(mod, InsertedAfter) and isinstance(mod.inserted, SSF):
-                    units.append([mod.inserted])
-                    owners.append(mod.inserted)
-                    label.append(f"ssf_{name}")
-            if not units:
-                continue
-            # one tensor named after its contents, e.g. qkv_proj_fc1_fc2_ssf_norm1_ssf_norm2
-            group = (lambda m, n: "decay" if _official_decays(m, n) else "nodecay") if self.decay_groups == "official" else None
-            packs.append(pack_parameters(block, units, name="rlrr_pack", label="_".join(label), group=group))
-            members += [(len(packs) - 1, u, m) for u, m in enumerate(owners) if m is not None]
-        if members:
-            attach_batched(model, "rlrr_batched", RLRRBatched(packs, members))
 
     def no_weight_decay(self, model: nn.Module):
         """The official code's groups (module docstring), or timm's rule with ``decay_groups=timm``."""
@@ -189,8 +118,8 @@ class RLRR(Method):
         for name, p in model.named_parameters():
             owner_name, _, pname = name.rpartition(".")
             owner = model.get_submodule(owner_name)
-            if isinstance(owner, ParamPack):  # stores are split by group: <label>_decay / <label>_nodecay
-                decays = pname.endswith("_decay")
+            if hasattr(owner, "members_of"):  # a packed tensor (methods/batched): one decay group each
+                decays = all(_official_decays(m, n) for m, n in owner.members_of(pname))
             elif isinstance(owner, (RLRRDelta, SSF)):
                 decays = _official_decays(owner, pname)
             else:  # the head, or what else trains: the official rule on the name

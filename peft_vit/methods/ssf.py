@@ -27,9 +27,8 @@ Merging: each affine folds exactly into the module it follows: a Linear's or con
 bias-free patch convolution (CLIP) takes γ in its weight and β in the patch positions of the
 position embedding, which every patch token adds right after it (so the merged model keeps the
 backbone's parameter names); any other bias-free module gets the shift as a new bias. During training an affine after a LayerNorm runs as one LayerNorm
-with the folded affine (no second activation stored). All γ and β live in one flat tensor
-(``ssf_pack.ssf``, split once per forward; each affine reads its own under ``gamma``/``beta``), so
-the optimiser steps one tensor, not two per site.
+with the folded affine (no second activation stored). In training all γ and β live in one flat
+tensor, so the optimiser steps one tensor, not two per site (methods/batched/ssf.py).
 
 :class:`SSF` is also RLRR's affine (rlrr.py): one implementation.
 """
@@ -41,8 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (BatchedDeltas, Method, NotMergeableError, PeftModule, attach_batched, block_names, insert_after,
-                   pack_parameters, register_method)
+from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 
 SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
@@ -64,11 +62,7 @@ class SSF(PeftModule):
     def forward_after(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``SSF(original(x))``; after an affine LayerNorm, one LayerNorm with the folded affine
         (γ·w, γ·b + β): the same values without storing the LayerNorm's output for backward."""
-        batched = self.__dict__.get("_batched")
-        if batched is not None and batched[0]._cache is not None:
-            gamma, beta = batched[0]._cache[batched[1]]
-        else:
-            gamma, beta = self.gamma, self.beta
+        gamma, beta = self.gamma, self.beta
         if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
             return F.layer_norm(x, original.normalized_shape, original.weight * gamma,
                                 torch.addcmul(beta, original.bias, gamma), original.eps)
@@ -108,20 +102,6 @@ class SSF(PeftModule):
         return original
 
 
-class SSFPacked(BatchedDeltas):
-    """Every affine's γ and β in one flat tensor (a :class:`ParamPack`), split once per forward
-    into the views each affine reads: the optimiser steps one tensor instead of two per site."""
-
-    def __init__(self, pack, affines: Sequence[SSF]):
-        super().__init__(affines)
-        self.__dict__["pack"] = pack
-        self.count = len(affines)
-
-    def compute(self):
-        views = self.pack.unpack()
-        return [(views[(u, "gamma")], views[(u, "beta")]) for u in range(self.count)]
-
-
 def _width(module: nn.Module) -> int:
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
@@ -134,6 +114,8 @@ def _width(module: nn.Module) -> int:
 
 @register_method("ssf")
 class SSFMethod(Method):
+    batched = "ssf"  # every γ and β in one trainable tensor: methods/batched/ssf.py
+
     def __init__(self, sites: Sequence[str] = SITES, std: float = 0.02, blocks: Optional[str] = None):
         self.sites = list(sites)
         self.std = float(std)
@@ -162,6 +144,4 @@ class SSFMethod(Method):
         for n, m in names.items():
             if isinstance(m, nn.LayerNorm) and not n.startswith(inside) and n != "head" and not n.startswith("head."):
                 affines.append(insert_after(model, n, SSF(_width(m), self.std)).inserted)
-        # one trainable tensor (model.ssf_pack.ssf); each affine reads its γ, β as views of it
-        pack = pack_parameters(model, [[a] for a in affines], name="ssf_pack", label="ssf")
-        attach_batched(model, "ssf_batched", SSFPacked(pack, affines))
+        self.affines = affines  # in insertion order, for the batched plan

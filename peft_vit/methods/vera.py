@@ -20,22 +20,20 @@ with the same seed and vectors (tested).
 
 The forward never forms ΔW: per adapted Linear ``y = x Wᵀ + c + dropout(x) A_inᵀ M`` where
 ``M`` (r × out) holds every adapted block's ``Λ_d B_sᵀ Λ_b`` on its rows (zero elsewhere); the
-M of all layers of one kind are computed at once per forward (:class:`VeRABatched`, which also
-owns A and B). With ``dropout`` > 0 the blocks of one fused Linear (q, v) share one dropout mask
+M of all layers of one kind are computed at once per forward (methods/batched/vera.py). With ``dropout`` > 0 the blocks of one fused Linear (q, v) share one dropout mask
 on x (HF ``peft`` adapts whole modules, one mask each). Works on every family; on Swin the stages'
 widths differ and each slices what it needs from the shared A, B.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (AdaptedLinear, BatchedDeltas, Delta, Method, adapt_linears, attach_batched, block_onehot,
-                   low_rank_output, register_method)
+from .base import Delta, Mergeable, Method, adapt_linears, register_method
 
 
 def kaiming_uniform(shape, generator: torch.Generator) -> torch.Tensor:
@@ -51,7 +49,7 @@ class VeRADelta(Delta):
         self.vera_b = nn.Parameter(torch.zeros(out_features))
         self.in_features, self.out_features = in_features, out_features
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.__dict__["shared"] = None  # the VeRABatched holding A and B (set by VeRA.inject)
+        self.__dict__["shared"] = None  # the VeRAProjections holding A and B (model.vera; set by VeRA.inject)
 
     def projections(self):
         return self.shared.vera_A[:, :self.in_features], self.shared.vera_B[:self.out_features]
@@ -66,39 +64,23 @@ class VeRADelta(Delta):
         return (self.vera_b[:, None] * b) @ (self.vera_d[:, None] * a)
 
 
-class VeRABatched(BatchedDeltas):
-    """Owns the shared frozen A, B; per forward, builds the M of every adapted Linear of one kind
-    (e.g. every ``attn.qkv`` with q and v adapted) for all layers in one einsum."""
+class VeRAProjections(Mergeable, nn.Module):
+    """The shared frozen ``A`` (r × in_max) and ``B`` (out_max × r), persistent buffers:
+    ``model.vera``. Merging folds them into every adapted Linear, then removes them."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, units: List[List[AdaptedLinear]]):
-        super().__init__([lin for unit in units for lin in unit])
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
         self.register_buffer("vera_A", a)
         self.register_buffer("vera_B", b)
-        self.__dict__["units"] = units  # plain references: the Linears are in the model already
-        for u, unit in enumerate(units):
-            self.register_buffer(f"onehot_{u}", block_onehot(unit[0])[0], persistent=False)
 
-    def compute(self):
-        out = []
-        for u, unit in enumerate(self.units):
-            keys = sorted(unit[0].deltas, key=lambda k: unit[0].slices[k][0])
-            first = unit[0].deltas[keys[0]]
-            deltas = [lin.deltas[k] for lin in unit for k in keys]
-            L, G = len(unit), len(keys)
-            d = torch.stack([x.vera_d for x in deltas]).view(L, G, -1)
-            b = torch.stack([x.vera_b for x in deltas]).view(L, G, -1)
-            a_in, b_out = first.projections()
-            m = torch.einsum("lgi,oi,lgo,gn->lino", d, b_out, b, getattr(self, f"onehot_{u}")).reshape(L, d.shape[-1], -1)
-            out.extend((a_in.t(), mi, first.dropout) for mi in m.unbind(0))
-        return out
-
-    def forward_linear(self, lin, index, x):
-        a_t, m, dropout = self._cache[index]
-        return low_rank_output(lin, x, a_t, m, input_dropout=dropout)
+    def merge(self) -> None:
+        return None
 
 
 @register_method("vera")
 class VeRA(Method):
+    batched = "vera"  # the M of every Linear of one kind in one einsum: methods/batched/vera.py
+
     def __init__(self, rank: int = 256, d_initial: float = 0.1, dropout: float = 0.0,
                  targets: Sequence[str] = ("q", "v"), projection_seed: int = 0):
         if rank <= 0:
@@ -118,12 +100,7 @@ class VeRA(Method):
         g = torch.Generator(device="cpu").manual_seed(self.projection_seed)
         a = kaiming_uniform((self.rank, max(d.in_features for d in deltas)), g)  # A first, as HF peft
         b = kaiming_uniform((max(d.out_features for d in deltas), self.rank), g)
-        kinds: Dict[tuple, List[AdaptedLinear]] = {}
-        for name, mod in model.named_modules():
-            if isinstance(mod, AdaptedLinear) and all(isinstance(d, VeRADelta) for d in mod.deltas.values()):
-                kinds.setdefault((name.rsplit(".", 1)[-1], tuple(sorted(mod.slices.items())),
-                                  tuple(mod.base.weight.shape)), []).append(mod)
         device = deltas[0].vera_b.device
-        shared = attach_batched(model, "vera", VeRABatched(a.to(device), b.to(device), list(kinds.values())))
+        model.add_module("vera", VeRAProjections(a.to(device), b.to(device)))
         for d in deltas:
-            d.__dict__["shared"] = shared
+            d.__dict__["shared"] = model.vera
