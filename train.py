@@ -24,14 +24,19 @@ def hydra_context() -> RunContext:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
+    import os
+
     from peft_vit.config import recipe_gap
     from peft_vit.engine.loop import run
+    from peft_vit.report.plots import plot_run
 
     context = hydra_context()
     gap = recipe_gap(cfg, context.experiment)  # a preset's table without a row for this method or task
     if gap:
         raise SystemExit(gap)
-    run(cfg, context)
+    record = run(cfg, context)
+    if int(os.environ.get("RANK", "0")) == 0:
+        plot_run(record, context.output_dir)  # the figures of the method's diagnostics (HTA: householder_rank.png)
 
 
 if __name__ == "__main__":

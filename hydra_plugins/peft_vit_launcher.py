@@ -1,7 +1,10 @@
 """peft_vit's sweep launchers (configs/hydra/launcher/{slurm,local}.yaml; docs/DESIGN.md, "Launchers"):
-hydra-submitit-launcher's, with its parameters, executor, numbering, job (``__call__``) and requeue
-(``checkpoint``), plus skip_done before submission (``rundir.skip_done``, the loop's own decision) and
-a bounded wait instead of ``job.results()`` (``poll_s``, ``lost_after_s``, ``max_wait_h``: see judge)."""
+hydra-submitit-launcher's, with its parameters, job (``__call__``) and requeue (``checkpoint``), plus
+skip_done before submission (``rundir.skip_done``, the loop's own decision) and a bounded wait instead of
+``job.results()`` (``poll_s``, ``lost_after_s``, ``max_wait_h``: see judge). Upstream's ``launch`` submits
+and waits in one call, so the sweep dir, the job numbering and the executor it builds are built here the
+same way, with submitit's public API (``AutoExecutor``/``LocalExecutor``, ``update_parameters``,
+``submit``, ``batch``)."""
 
 import dataclasses
 import logging
@@ -11,14 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from unittest import mock
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as upstream
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-from omegaconf import open_dict
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
+from omegaconf import OmegaConf, open_dict
 
 from peft_vit.engine.rundir import ForeignStateError, skip_done
 
@@ -104,7 +107,8 @@ class _Slot:
 
 class _Bounded:
     """Mixin over upstream's launchers: skip_done, upstream's submission, then the bounded wait.
-    Subclasses define _submit (what may start now) and _states (job id -> state; None: no answer)."""
+    Subclasses define _executor (submitit's, for upstream's parameters), _submit (what may start now) and
+    _states (job id -> state; None: no answer)."""
 
     def __init__(self, poll_s: float = 15.0, lost_after_s: float = 120.0, max_wait_h: Optional[float] = None,
                  **params: Any) -> None:
@@ -115,7 +119,7 @@ class _Bounded:
         slots = [_Slot(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         for s in slots:
             self._skip_done(s)
-        self._wait(slots, self._upstream_submission(slots) if any(s.result is None for s in slots) else None)
+        self._wait(slots, self._prepare(slots) if any(s.result is None for s in slots) else None)
         failed = [s for s in slots if s.result.status != JobStatus.COMPLETED]  # type: ignore[union-attr]
         log.log(logging.ERROR if failed else logging.INFO, f"{len(slots) - len(failed)} of {len(slots)} jobs completed"
                 + "".join(f"\n\t{s}: {(str(s.result._return_value).splitlines() or ['?'])[0][:240]}" for s in failed))
@@ -140,22 +144,19 @@ class _Bounded:
         except Exception as e:  # noqa: BLE001 - e.g. a job dir named by hydra.job.id: the job decides itself
             log.debug(f"checking skip_done of {slot} in the launcher failed: {e}")
 
-    def _upstream_submission(self, slots: List[_Slot]) -> Any:
-        """Upstream's launch, its executor's map_array recording each job's arguments (``slot.args``)
-        instead of submitting it; returns that executor."""
-        import submitit
-
-        made: List[Any] = []
-
-        def record(executor: Any, fn: Any, *iterable: Any) -> List[Any]:
-            made.append(executor)
-            for slot, args in zip(slots, zip(*iterable)):
-                slot.args = args
-            return []
-
-        with mock.patch.object(submitit.AutoExecutor, "map_array", record):
-            super().launch([s.overrides for s in slots], slots[0].num)  # type: ignore[misc]
-        return made[0]
+    def _prepare(self, slots: List[_Slot]) -> Any:
+        """What upstream's ``launch`` does before it submits: the sweep dir (and its mode), each job's
+        numbered line in the log and its arguments of upstream's ``__call__`` (``slot.args``), and the
+        executor (:meth:`_executor`), which this returns. Nothing is submitted."""
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))  # type: ignore[attr-defined]
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")  # type: ignore[attr-defined]
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # type: ignore[attr-defined]
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))  # type: ignore[attr-defined]
+        for s in slots:
+            log.info(f"\t{s}")
+            s.args = (list(s.overrides), "hydra.sweep.dir", s.num, f"job_id_for_{s.num}", Singleton.get_state())
+        return self._executor()
 
     def _wait(self, slots: List[_Slot], executor: Any) -> None:
         deadline = None if self.max_wait_h is None else time.time() + self.max_wait_h * 3600
@@ -215,6 +216,20 @@ class SlurmLauncher(_Bounded, upstream.SlurmLauncher):
                                "use hydra/launcher=local; a local test cluster: scripts/slurm_local.sh start")
         return super().launch(job_overrides, initial_job_idx)
 
+    def _executor(self) -> Any:
+        """submitit's AutoExecutor for SLURM with upstream's parameters: the shared ones as they are,
+        the others prefixed ``slurm_`` (``max_num_timeout`` when it is built)."""
+        import submitit
+
+        params = dict(self.params)
+        folder, init = params.pop("submitit_folder"), {}
+        if "max_num_timeout" in params:
+            init["slurm_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **init)
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
+        return executor
+
     def _submit(self, slots: List[_Slot], executor: Any) -> None:
         todo = self._adopt([s for s in slots if s.job is None and s.result is None])
         if todo:  # once: one job array
@@ -262,10 +277,15 @@ class LocalLauncher(_Bounded, upstream.LocalLauncher):
         self.array_parallelism, self.signal_delay_s = max(1, int(array_parallelism or 1)), int(signal_delay_s)
         super().__init__(**params)
 
-    def _upstream_submission(self, slots: List[_Slot]) -> Any:
-        executor = super()._upstream_submission(slots)
-        # not through upstream's params: submitit's AutoExecutor rejects local_signal_delay_s
-        executor._executor.update_parameters(signal_delay_s=self.signal_delay_s)
+    def _executor(self) -> Any:
+        """submitit's LocalExecutor with upstream's parameters (None: not set) and ``signal_delay_s``
+        (which submitit's AutoExecutor does not pass to the local executor)."""
+        import submitit
+
+        params = {k: v for k, v in self.params.items() if v is not None}
+        executor = submitit.LocalExecutor(folder=params.pop("submitit_folder"),
+                                          max_num_timeout=params.pop("max_num_timeout", 3))
+        executor.update_parameters(**params, signal_delay_s=self.signal_delay_s)
         return executor
 
     def _submit(self, slots: List[_Slot], executor: Any) -> None:

@@ -45,18 +45,17 @@ def __getattr__(name: str):
 def build_model(cfg: Mapping) -> "nn.Module":
     """Backbone from ``cfg.model`` with the method of ``cfg.method`` injected and its trainable
     set marked. ``cfg`` is the composed Hydra config (or any mapping with ``model`` and
-    ``method``)."""
-    mcfg = _plain(cfg["model"])
-    kwargs = dict(
-        name=mcfg["name"], num_classes=int(mcfg["num_classes"]), pretrained=bool(mcfg.get("pretrained", True)),
-        checkpoint=mcfg.get("checkpoint"), drop_path_rate=float(mcfg.get("drop_path_rate", 0.0)),
-        img_size=int(mcfg.get("img_size", 224)), overrides=mcfg.get("overrides") or {},
-        zero_head=bool(mcfg.get("zero_head", False)),
-    )
+    ``method``). The model config's keys that :func:`~peft_vit.backbone.create_backbone` takes
+    are passed as they are (its defaults live in ``configs/model/``; a mapping that leaves one
+    out gets ``create_backbone``'s); the others (``normalize``) are the data's."""
+    import inspect
+
     from .backbone import create_backbone
     from .methods import get_method
 
-    model = create_backbone(**kwargs)
+    mcfg = _plain(cfg["model"])
+    takes = inspect.signature(create_backbone).parameters
+    model = create_backbone(**{k: v for k, v in mcfg.items() if k in takes})
     method_cfg = _plain(cfg["method"])
     method = get_method(method_cfg.pop("name"), **method_cfg)
     return method.apply(model)

@@ -1,5 +1,6 @@
 """The per-run record: :class:`RunRecord`, the one definition of ``results.json`` (written
-atomically, validated when read), the run's context, and the run logger (wandb or none)."""
+atomically, validated when read), the run's context, and atomic writes. The run logger and the
+version info a record holds are the loop's (``engine/logger.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -213,57 +213,3 @@ def _jsonable(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def git_commit() -> Optional[str]:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() + ("-dirty" if dirty else "")) or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> Dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "peft-vit"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    import platform
-
-    out["python"] = platform.python_version()
-    return out
-
-
-class RunLogger:
-    """wandb (online/offline/disabled) or nothing. Only rank 0 creates one."""
-
-    def __init__(self, lcfg, run_cfg: Dict[str, Any], out_dir: Path, name: str, group: Optional[str], tags):
-        self.run = None
-        if lcfg.get("name", "none") == "none" or lcfg.get("mode") == "disabled":
-            return
-        import wandb
-
-        self.run = wandb.init(project=lcfg.get("project"), entity=lcfg.get("entity"), mode=lcfg.get("mode", "offline"),
-                              dir=str(out_dir), name=name, group=lcfg.get("group") or group,
-                              tags=list(lcfg.get("tags") or []) + list(tags), config=run_cfg, reinit="finish_previous")
-
-    def log(self, data: Dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self.run.log(data, step=step)
-
-    def summary(self, data: Dict[str, Any]) -> None:
-        if self.run is not None:
-            for k, v in data.items():
-                self.run.summary[k] = v
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None

@@ -61,7 +61,8 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
     from omegaconf import open_dict
 
     from peft_vit.engine.loop import run
-    from peft_vit.engine.rundir import config_diff, fingerprint, record_config, result_config
+    from peft_vit.engine.rundir import record_config
+    from peft_vit.fingerprint import config_diff, fingerprint, result_config
     from peft_vit.record import RESULTS, RunContext, RunRecord
 
     from peft_vit.data.proxy import get_task, write_task
@@ -89,7 +90,11 @@ def run_one(method: str, task: str, out_dir: Path, protocol: str = "final", over
         print(f"[proxy] {result}: made by another configuration "
               f"({'; '.join(config_diff(stored or {}, result_config(cfg), limit=3))}); running again", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, RunContext(out_dir, "proxy", None, tuple(args))).to_dict()
+    from peft_vit.report.plots import plot_run
+
+    record = run(cfg, RunContext(out_dir, "proxy", None, tuple(args)))
+    plot_run(record, out_dir)  # the method's figures, as train.py draws them
+    return record.to_dict()
 
 
 def task_groups() -> Dict[str, str]:

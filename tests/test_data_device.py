@@ -5,7 +5,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from peft_vit.data import SeededAugment
-from peft_vit.data.loader import EvalBatches, GlobalBatchSampler, TrainBatches, flip_draws
+from peft_vit.data.loader import EvalBatches, GlobalBatchSampler, TrainBatches
+from peft_vit.data.transforms import flip_draws
 from peft_vit.data.memory import InMemoryImages
 
 CPU = torch.device("cpu")

@@ -248,7 +248,7 @@ def test_fgvc_rlrr_table_covers_the_registry():
 def test_fgvc_rlrr_schedule_builds_for_every_dataset():
     import torch
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     for name in RLRR_FGVC_RECIPE:
         c = compose("experiment=fgvc_rlrr", f"dataset=fgvc/{name}")
@@ -350,7 +350,7 @@ def test_vtab_vpt_holds_only_the_sourced_tasks():
 def _lrs(ocfg, epochs=3, steps=4):
     import torch
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ocfg["lr"])
     sched = build_scheduler(opt, OmegaConf.create(ocfg), epochs, steps_per_epoch=steps)
@@ -373,7 +373,7 @@ def test_lr_step_epoch_holds_each_epochs_lr():
 def test_sgd_optimizer():
     import torch
 
-    from peft_vit.engine.loop import build_optimizer
+    from peft_vit.engine.optim import build_optimizer
 
     model = torch.nn.Linear(3, 2)
     o = compose("optim=sgd_cosine").optim

@@ -1,6 +1,6 @@
 """The sweep launchers' logic without a cluster (hydra_plugins/peft_vit_launcher.py): squeue
 output parsed from strings, the alive/done/lost verdict, the bounded wait over a scripted
-scheduler, upstream's submission recorded instead of submitted, and the presets. The launchers
+scheduler, the submission prepared as upstream's, not submitted, and the presets. The launchers
 on a real SLURM cluster: tests/test_slurm.py; on one machine: tests/test_sweep_local.py."""
 from __future__ import annotations
 
@@ -148,16 +148,17 @@ def test_launchers_are_upstreams_plus_the_wait():
     assert set(lc.params) == {"submitit_folder"}  # the rest is ours, not upstream's
 
 
-def test_local_submission_is_upstreams_recorded_not_submitted(tmp_path):
-    """Upstream's launch builds the executor (signal_delay_s and max_num_timeout reach submitit's
-    local executor) and numbers the jobs; nothing starts until the launcher submits it."""
+def test_local_submission_is_prepared_not_submitted(tmp_path):
+    """The launcher builds the executor as upstream's launch would (signal_delay_s and
+    max_num_timeout reach submitit's local executor) and numbers the jobs; nothing starts until
+    the launcher submits it."""
     sweep = tmp_path / "sweep"
     lc = L.LocalLauncher(submitit_folder=f"{sweep}/.submitit/%j", timeout_min=60, signal_delay_s=90,
                          max_num_timeout=3, array_parallelism=1, gpus_per_node=0)
     lc.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
     slots = [L._Slot(num=n, overrides=[f"seed={n}"]) for n in (4, 5)]
-    executor = lc._upstream_submission(slots)
-    assert executor._executor.parameters["signal_delay_s"] == 90 and executor._executor.max_num_timeout == 3
+    executor = lc._prepare(slots)
+    assert executor.parameters["signal_delay_s"] == 90 and executor.max_num_timeout == 3
     assert [s.args[:3] for s in slots] == [(["seed=4"], "hydra.sweep.dir", 4), (["seed=5"], "hydra.sweep.dir", 5)]
     assert not [p for p in (sweep / ".submitit").iterdir() if p.name != "%j"]  # nothing submitted
 
@@ -196,9 +197,9 @@ def test_skip_done_before_submission(tmp_path):
                                     callbacks=None)  # type: ignore[arg-type]
     done = json.dumps({"config": rundir.result_config(job_cfg(["optim.lr=0.1"]))})
     jobs = [["optim.lr=0.1"], ["optim.lr=0.5"], ["optim.lr=0.1", "skip_done=false"], ["optim.lr=0.2"]]
-    for overrides in jobs[:3]:  # a record of the lr=0.1 run in each of the first three job dirs
-        d = tmp_path / job_cfg(overrides).hydra.job.override_dirname
-        d.mkdir()
+    for overrides in jobs[:3]:  # a record of the lr=0.1 run in each of the first three job dirs (skip_done
+        d = tmp_path / job_cfg(overrides).hydra.job.override_dirname  # is a runtime key: the third is the first's)
+        d.mkdir(exist_ok=True)
         (d / "results.json").write_text(done)
     slots = [L._Slot(num=n, overrides=o) for n, o in enumerate(jobs)]
     for s in slots:

@@ -148,7 +148,7 @@ def schedule(epochs, steps_per_epoch, **ocfg):
     """The learning rate before each optimiser step of the loop's scheduler."""
     from omegaconf import OmegaConf
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     ocfg = OmegaConf.create(dict(lr=1e-3, **ocfg))
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)

@@ -41,7 +41,7 @@ def test_wandb_offline_logger_records_counts_in_summary(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest disables wandb for other tests
     from omegaconf import OmegaConf
 
-    from peft_vit.record import RunLogger
+    from peft_vit.engine.logger import RunLogger
 
     lcfg = OmegaConf.load("configs/logger/wandb.yaml")
     assert lcfg.mode == "offline"

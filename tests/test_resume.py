@@ -26,7 +26,7 @@ def train(run_dir, *args, ok=True, timeout=300):
 
 # ------------------------------------------------------------------ fingerprints
 def test_fingerprint_ignores_how_and_where_but_names_what_differs():
-    from peft_vit.engine.rundir import config_diff, fingerprint, result_config
+    from peft_vit.fingerprint import config_diff, fingerprint, result_config
 
     a = result_config(compose("method=lora", "dataset=vtab/cifar"))
     same = result_config(compose("method=lora", "dataset=vtab/cifar", "trainer.num_workers=1", "trainer.progress=false",
@@ -73,7 +73,7 @@ def _no_hydra(cfg):
 def _model_state():
     from omegaconf import OmegaConf
 
-    from peft_vit.engine.loop import build_scheduler
+    from peft_vit.engine.optim import build_scheduler
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -152,9 +152,9 @@ def test_local_relaunch_with_another_config_is_refused_not_skipped(local_sweep):
     assert first.returncode == 0
     before = {p: p.stat().st_mtime_ns for p in results(sweep)}
     jobs_before = set((sweep / ".submitit").iterdir())
-    exclude = ("hydra.job.config.override_dirname.exclude_keys=[hydra/launcher,logger,logger.mode,"
-               "trainer.num_workers,trainer.progress,paths.output_root,paths.data_dir,paths.cache_dir,"
-               "dataset.cache_dir,optim.lr]")
+    from peft_vit.fingerprint import RUNTIME_KEYS
+
+    exclude = f"hydra.job.config.override_dirname.exclude_keys=[{','.join(RUNTIME_KEYS + ('optim.lr',))}]"
     p = run([*cmd, "optim.lr=0.5", exclude], timeout=300)
     log = p.stdout + p.stderr
     assert p.returncode != 0, log[-3000:]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
-from . import DataSplits, PROTOCOLS, register_source
+from . import DataSplits, PROTOCOLS, register_benchmark, register_source
 from .folder import ImageList, Listing, decode_cached, resolve_folder
 from .memory import InMemoryImages
 from .transforms import fgvc_eval_transform, fgvc_train_transform
@@ -60,6 +60,7 @@ DATASETS: Dict[str, FGVCSet] = {d.name: d for d in [
     FGVCSet("cars", "Stanford Cars", 196, "Stanford-cars", "", (7_329, 815, 8_041),
             "https://ai.stanford.edu/~jkrause/cars/car_dataset.html", ("stanford_cars", "stanfordcars")),
 ]}
+register_benchmark("fgvc", "FGVC", DATASETS)
 
 
 def get_dataset(name: str) -> FGVCSet:

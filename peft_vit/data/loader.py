@@ -7,21 +7,22 @@ memory-mapped) set in large slices, copying the next while the model runs. Sets 
 decoded per item (FGVC's random crops, test sets without a cache) go through a DataLoader.
 
 Either way a training batch is a function of (seed, epoch, position): :class:`GlobalBatchSampler`
-fixes the images, their order and one augmentation seed per item; the flip drawn from that
-seed is the one :class:`SeededAugment` draws for the same item, so the two paths give the same
+fixes the images, their order and one augmentation seed per item; both paths draw and apply the
+flip with the same functions (``transforms.flip_draw`` / ``flip_where``), so they give the same
 batches, bit for bit on CPU.
 """
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import SeededAugment
 from .memory import InMemoryImages
+from .transforms import flip_draws, flip_where
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -55,13 +56,6 @@ class GlobalBatchSampler(Sampler[List]):
             share = math.ceil(len(batch) / self.world)
             mine = batch[self.rank * share:(self.rank + 1) * share]
             yield [(perm[i], aug[i]) for i in mine]
-
-
-def flip_draws(seeds: Sequence[int]) -> torch.Tensor:
-    """For each augmentation seed, the flip :class:`InMemoryImages` draws under
-    :class:`SeededAugment`: ``torch.rand(()) < 0.5`` right after ``torch.manual_seed(seed)``."""
-    g = torch.Generator()
-    return torch.tensor([bool(torch.rand((), generator=g.manual_seed(s)) < 0.5) for s in seeds], dtype=torch.bool)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -108,8 +102,8 @@ class TrainBatches:
         for b in batches:
             idx = index[lo:lo + len(b)]
             x = self.images[idx]  # uint8: flipping before normalising moves a quarter of the bytes
-            if flips is not None:  # a select, not a masked write: no wait for the device
-                x = torch.where(flips[lo:lo + len(b)].view(-1, 1, 1, 1), x.flip(-1), x)
+            if flips is not None:
+                x = flip_where(x, flips[lo:lo + len(b)])
             lo += len(b)
             yield normalize(x, self.mean, self.std), self.labels[idx]
 

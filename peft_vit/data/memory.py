@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import Normalize
+from .transforms import Normalize, flip_draw, flip_where
 
 
 class InMemoryImages(Dataset):
     """``images``: uint8 (N, 3, H, W), already at the model's resolution; ``labels``: int64 (N,).
-    ``flip``: random horizontal flip (p = 0.5) on access. ``listing``: where the images came from
+    ``flip``: the random horizontal flip (``transforms.flip_draw``) on access. ``listing``: where the images came from
     (a :class:`~peft_vit.data.folder.Listing`), if from files. The loop does not index it per item:
     :class:`~peft_vit.data.loader.TrainBatches` does the same per batch on the device."""
 
@@ -32,6 +32,6 @@ class InMemoryImages(Dataset):
 
     def __getitem__(self, i: int):
         x = self.normalize(self.images[i])
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
+        if self.flip:
+            x = flip_where(x, flip_draw())
         return x, self.labels[i]

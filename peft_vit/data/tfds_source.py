@@ -27,12 +27,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 from PIL import Image
 
-from .vtab import Task
+if TYPE_CHECKING:  # a task is read, never built, here: vtab.py imports this module, not the reverse
+    from .vtab import Task
 
 log = logging.getLogger(__name__)
 

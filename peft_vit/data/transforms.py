@@ -11,7 +11,7 @@ the in-memory training sets and the streamed test sets.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,3 +131,25 @@ def fgvc_eval_transform(img_size: int, interp: str = "bilinear", resize: str = "
     from torchvision import transforms as T
 
     return T.Compose([_fgvc_resize(img_size, resize, T.InterpolationMode(interp)), T.CenterCrop(img_size)])
+
+
+# --------------------------------------------------------------------------- the random flip of decoded sets
+# One definition for both data paths: an item of an InMemoryImages (drawn from the global RNG,
+# which SeededAugment seeds per item) and a batch on the device (TrainBatches, drawn per item
+# from the same seed). Both must agree bit for bit (tests/test_data_device.py).
+
+def flip_draw(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One image's draw of the horizontal flip (p = 0.5): a bool scalar tensor."""
+    return torch.rand((), generator=generator) < 0.5
+
+
+def flip_draws(seeds: Sequence[int]) -> torch.Tensor:
+    """For each augmentation seed, the :func:`flip_draw` right after seeding with it."""
+    g = torch.Generator()
+    return torch.tensor([bool(flip_draw(g.manual_seed(s))) for s in seeds], dtype=torch.bool)
+
+
+def flip_where(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """``images`` (..., H, W; one image or a batch) flipped left-right where ``flips`` (a bool
+    scalar, or one per image) is true: a select, not a masked write (no wait for the device)."""
+    return torch.where(flips.view(*flips.shape, *[1] * (images.ndim - flips.ndim)), images.flip(-1), images)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
-from . import DataSplits, PROTOCOLS, register_source
+from . import DataSplits, PROTOCOLS, register_benchmark, register_source
 from .folder import ImageList, decode_cached, read_list, resolve_folder
 from .memory import InMemoryImages
 from .transforms import ResizeSquare
@@ -183,6 +183,7 @@ TASKS: Dict[str, Task] = {t.name: t for t in [
        True, label_fn=Field("label_elevation"), gray=True,
        aliases=("smallnorb_elevation", "smallnorb_label_elevation", "smallnorb-ele")),
 ]}
+register_benchmark("vtab", "VTAB-1k", TASKS, mean_title="mean{n}")
 del _T
 
 

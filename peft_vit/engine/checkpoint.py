@@ -48,7 +48,7 @@ class CheckpointUnreadable(RuntimeError):
 def save(path: Path, *, model: nn.Module, optimizer, scheduler, scaler, epoch: int, step: int,
          extra: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None) -> None:
     """``epoch``/``step``: where training continues (step-th batch of epoch). ``config``: the
-    run's result config (peft_vit.engine.rundir.result_config), checked on resume."""
+    run's result config (peft_vit.fingerprint.result_config), checked on resume."""
     atomic_save({
         "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(),

@@ -1,5 +1,11 @@
 """The training loop, top to bottom: config -> model -> data -> train/eval -> results.json.
 
+``run`` owns the run dir and calls the steps in order, one function each: ``set_up`` (device,
+model, data, the recipe of ``optim.py``), ``resume``, ``start_logging``, ``train`` (per epoch
+``train_epoch``, then ``evaluate_epoch`` and ``save_checkpoint`` when due; a stop signal is
+answered by ``stop_here`` alone), ``make_record`` and ``finish``. A :class:`Run` carries their
+state. The loop draws nothing: the caller (``train.py``) draws figures from the record.
+
 Protocols (named in every output):
   tune   fit train800,       report val200 (``val_acc``)
   final  fit train800val200, report test   (``test_acc``)
@@ -32,8 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 from .. import build_model, count_parameters
 from ..data import build_datasets
 from ..data.loader import EvalBatches, TrainBatches
-from ..record import RESULTS, WEIGHTS, RunContext, RunLogger, RunRecord, atomic_file, git_commit, versions
+from ..fingerprint import fingerprint, result_config
+from ..record import RESULTS, WEIGHTS, RunContext, RunRecord, atomic_file
 from . import checkpoint, distributed, rundir
+from .logger import RunLogger, git_commit, versions
+from .optim import build_optimizer, build_scheduler
 from .signals import StopSignal, ignore_stop_signals_in_worker
 
 log = logging.getLogger("peft_vit")
@@ -44,60 +53,6 @@ def _precision(pref: str, device: torch.device) -> Optional[torch.dtype]:
     if pref == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[pref]
-
-
-def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters in two groups, not decayed and decayed by ``weight_decay``.
-    The model's method names the first (``Method.no_weight_decay``: by default timm's rule, no
-    decay on biases, norms and other 1-d tensors; RLRR follows its official code's groups)."""
-    from ..methods.base import default_no_weight_decay
-
-    method = getattr(model, "peft_method", None)
-    skip = method.no_weight_decay(model) if method is not None else default_no_weight_decay(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
-              {"params": [p for n, p in params if n not in skip], "weight_decay": ocfg.weight_decay}]
-    if ocfg.name == "sgd":  # VPT's optimiser (configs/optim/sgd_cosine.yaml)
-        return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum, fused=device.type == "cuda")
-    if ocfg.name != "adamw":
-        raise ValueError(f"optim.name={ocfg.name!r}: choose adamw (configs/optim/adamw_cosine.yaml) or sgd "
-                         f"(configs/optim/sgd_cosine.yaml)")
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
-                             fused=device.type == "cuda")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_per_epoch: int):
-    """Per-iteration linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then (RLRR's
-    cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. With ``restart_epochs`` the cosine
-    restarts from ``lr`` every that many epochs (SGDR, as RLRR's code for CUB and Dogs). Call
-    ``step_update(n)`` after the n-th optimiser step. ``lr_step: epoch`` (FacT's, SSF's and VPT's
-    code: timm's or their scheduler stepped once per epoch) holds each epoch's lr for all its steps;
-    absent or ``iteration``: a new lr every step."""
-    import math
-
-    from timm.scheduler import CosineLRScheduler
-
-    class PerEpoch(CosineLRScheduler):
-        def step_update(self, num_updates: int, metric=None):  # the lr of the epoch the next step is in
-            return super().step_update(num_updates // steps_per_epoch * steps_per_epoch, metric)
-
-    lr_step = ocfg.get("lr_step", "iteration")
-    if lr_step not in ("iteration", "epoch"):
-        raise ValueError(f"optim.lr_step={lr_step!r}: choose iteration or epoch")
-
-    cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
-    if cosine_epochs <= 0:
-        raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
-    cycle, cycles = cosine_epochs, 1
-    if ocfg.get("restart_epochs") is not None:  # 0 is an error, not "no restarts"
-        cycle = ocfg.restart_epochs
-        if not 0 < cycle <= cosine_epochs:
-            raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
-                             f"minus optim.cooldown_epochs), or null for one cosine")
-        cycles = math.ceil(cosine_epochs / cycle)
-    return (PerEpoch if lr_step == "epoch" else CosineLRScheduler)(
-        optimizer, t_initial=int(cycle * steps_per_epoch), lr_min=ocfg.min_lr, cycle_limit=cycles,
-        warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr, t_in_epochs=False)
 
 
 @torch.no_grad()
@@ -143,7 +98,7 @@ def run(cfg: DictConfig, context: Optional[RunContext] = None) -> RunRecord:
     context = context or RunContext(Path(cfg.get("output_dir") or "."))
     out_dir = Path(context.output_dir)
     result_path = out_dir / RESULTS
-    result_cfg = rundir.result_config(cfg)
+    result_cfg = result_config(cfg)
     lock = rundir.RunLock(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     if lock is not None:
         lock.acquire()
@@ -165,192 +120,262 @@ def run(cfg: DictConfig, context: Optional[RunContext] = None) -> RunRecord:
             lock.release()
 
 
+class Run:
+    """What one run carries from step to step: its config, device, model, data, optimisation
+    state and logger, where it starts (``start_epoch``, ``start_step``: 0 or a checkpoint's) and
+    what it has done (``history``, ``train_time``, ``images_seen``: what a checkpoint saves besides
+    the weights, optimiser and position)."""
+
+    def __init__(self, cfg: DictConfig, context: RunContext, result_cfg, t_start: float):
+        self.cfg, self.tcfg, self.context, self.result_cfg, self.t_start = cfg, cfg.trainer, context, result_cfg, t_start
+        self.out_dir = Path(context.output_dir)
+        self.ckpt_path = self.out_dir / CHECKPOINT
+        self.start_epoch, self.start_step, self.history, self.train_time, self.images_seen = 0, 0, [], 0.0, 0
+
+
 def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> RunRecord:
-    out_dir = Path(context.output_dir)
-    result_path = out_dir / RESULTS
-    tcfg, ocfg = cfg.trainer, cfg.optim
-    d = distributed.init(tcfg.device)
+    r = Run(cfg, context, result_cfg, t_start)
+    set_up(r)
+    resume(r)
+    start_logging(r)
+    train(r)
+    record = make_record(r)
+    finish(r, record)
+    return record
+
+
+# ---------------------------------------------------------------------------- set-up
+
+def set_up(r: Run) -> None:
+    """Device, model, data, optimiser and scheduler; the module that trains (DDP, compiled)."""
+    cfg, tcfg = r.cfg, r.tcfg
+    r.d = d = distributed.init(tcfg.device)
     torch.manual_seed(cfg.seed)
-    amp = _precision(tcfg.precision, d.device)
+    r.amp = _precision(tcfg.precision, d.device)
 
-    # ---- model
-    model = build_model(cfg).to(d.device)
-    method = getattr(model, "peft_method", None)
-    counts = count_parameters(model)
+    r.model = model = build_model(cfg).to(d.device)
+    r.method = getattr(model, "peft_method", None)
+    r.counts = count_parameters(model)
 
-    # ---- data
-    data = build_datasets(cfg)
+    r.data = build_datasets(cfg)
     # decoded (in-memory) sets: on the device, no workers; others: DataLoader workers. Batches are
     # functions of (seed, epoch, position) either way (peft_vit.data.loader)
     workers = dict(num_workers=tcfg.num_workers, worker_init_fn=ignore_stop_signals_in_worker)  # main handles signals
-    train_batches = TrainBatches(data.train, tcfg.batch_size, cfg.seed, d.device, d.rank, d.world_size,
-                                 tcfg.drop_last, **workers)
-    eval_batches = EvalBatches(data.eval, tcfg.eval_batch_size, d.device, d.rank, d.world_size, **workers)
-    startup_s = time.time() - t_start  # model built, data ready
+    r.train_batches = TrainBatches(r.data.train, tcfg.batch_size, cfg.seed, d.device, d.rank, d.world_size,
+                                   tcfg.drop_last, **workers)
+    r.eval_batches = EvalBatches(r.data.eval, tcfg.eval_batch_size, d.device, d.rank, d.world_size, **workers)
+    r.startup_s = time.time() - r.t_start  # model built, data ready
 
-    # ---- optimisation: per-iteration linear warm-up then cosine (timm)
-    optimizer = build_optimizer(model, ocfg, d.device)
-    steps_per_epoch = len(train_batches)
-    scheduler = build_scheduler(optimizer, ocfg, tcfg.epochs, steps_per_epoch)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing, reduction="sum")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    net = model
+    r.optimizer = build_optimizer(model, cfg.optim, d.device)
+    r.steps_per_epoch = len(r.train_batches)
+    r.scheduler = build_scheduler(r.optimizer, cfg.optim, tcfg.epochs, r.steps_per_epoch)
+    r.scaler = torch.amp.GradScaler(d.device.type, enabled=r.amp == torch.float16)
+    r.criterion = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing, reduction="sum")
+    r.trainable = [p for p in model.parameters() if p.requires_grad]
+    r.net = model
     if d.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        r.net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     # torch.compile the module that trains; ``model`` stays eager for state dicts, merge and report
-    compiled = compile_enabled(tcfg.get("compile", "auto"), d.device)
-    compile_s0 = compile_seconds()
-    if compiled:
-        net = torch.compile(net)
+    r.compiled = compile_enabled(tcfg.get("compile", "auto"), d.device)
+    r.compile_s0 = compile_seconds()
+    if r.compiled:
+        r.net = torch.compile(r.net)
 
-    # ---- resume
-    ckpt_path = out_dir / CHECKPOINT
-    start_epoch, start_step, history, train_time, images_seen = 0, 0, [], 0.0, 0
-    state = checkpoint.resume_state(ckpt_path, tcfg.resume, result_cfg, d.is_main)
-    if state is not None:
-        checkpoint.restore(ckpt_path, state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_epoch, start_step = state["epoch"], state["step"]
-        history, train_time, images_seen = (state["extra"].get(k) for k in ("history", "train_time", "images_seen"))
-        if d.is_main:
-            print(f"[peft-vit] resumed from {ckpt_path} at epoch {start_epoch}, step {start_step}")
 
-    def save_checkpoint(epoch: int, step: int) -> None:
-        if d.is_main:
-            checkpoint.save(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            epoch=epoch, step=step,
-                            extra=dict(history=history, train_time=train_time, images_seen=images_seen),
-                            config=result_cfg)
-        distributed.barrier(d)
-
-    # ---- logging (rank 0 only)
-    run_cfg = OmegaConf.to_container(cfg, resolve=True)
-    eval_key = "val_acc" if cfg.protocol == "tune" else "test_acc"
-    label = f"{cfg.protocol}: fit {data.train_split}, eval {data.eval_split}"
-    logger = RunLogger(cfg.logger, run_cfg, out_dir, name=f"{cfg.method.name}/{cfg.dataset.task}/s{cfg.seed}",
-                       group=context.sweep, tags=[cfg.method.name, cfg.dataset.task, cfg.protocol]) \
-        if d.is_main else RunLogger({"name": "none"}, {}, out_dir, "", None, [])
-    logger.summary({**counts, "protocol": cfg.protocol})
+def start_logging(r: Run) -> None:
+    """The run logger (rank 0 only) and the run's opening line."""
+    cfg, d, counts = r.cfg, r.d, r.counts
+    r.run_cfg = OmegaConf.to_container(cfg, resolve=True)
+    r.eval_key = "val_acc" if cfg.protocol == "tune" else "test_acc"
+    r.label = f"{cfg.protocol}: fit {r.data.train_split}, eval {r.data.eval_split}"
+    r.logger = RunLogger(cfg.logger, r.run_cfg, r.out_dir, name=f"{cfg.method.name}/{cfg.dataset.task}/s{cfg.seed}",
+                         group=r.context.sweep, tags=[cfg.method.name, cfg.dataset.task, cfg.protocol]) \
+        if d.is_main else RunLogger({"name": "none"}, {}, r.out_dir, "", None, [])
+    r.logger.summary({**counts, "protocol": cfg.protocol})
     if d.is_main:
-        print(f"[peft-vit] {cfg.method.name} on {cfg.dataset.name}/{cfg.dataset.task} | protocol {label} | "
+        print(f"[peft-vit] {cfg.method.name} on {cfg.dataset.name}/{cfg.dataset.task} | protocol {r.label} | "
               f"trainable {counts['trainable_params']:,} ({counts['trainable_params_no_head']:,} without head) "
               f"of {counts['total_params']:,} | {d.world_size} process(es) on {d.device}")
 
-    # ---- train
-    stop = StopSignal()
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def resume(r: Run) -> None:
+    """Continue from the run dir's checkpoint, if ``trainer.resume`` allows and it is this
+    configuration's (``checkpoint.resume_state``)."""
+    state = checkpoint.resume_state(r.ckpt_path, r.tcfg.resume, r.result_cfg, r.d.is_main)
+    if state is None:
+        return
+    checkpoint.restore(r.ckpt_path, state, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler)
+    r.start_epoch, r.start_step = state["epoch"], state["step"]
+    r.history, r.train_time, r.images_seen = (state["extra"].get(k) for k in ("history", "train_time", "images_seen"))
+    if r.d.is_main:
+        print(f"[peft-vit] resumed from {r.ckpt_path} at epoch {r.start_epoch}, step {r.start_step}")
+
+
+def save_checkpoint(r: Run, epoch: int, step: int) -> None:
+    """The position (``epoch``, ``step``: the next step to run) and everything needed to go on."""
+    if r.d.is_main:
+        checkpoint.save(r.ckpt_path, model=r.model, optimizer=r.optimizer, scheduler=r.scheduler, scaler=r.scaler,
+                        epoch=epoch, step=step,
+                        extra=dict(history=r.history, train_time=r.train_time, images_seen=r.images_seen),
+                        config=r.result_cfg)
+    distributed.barrier(r.d)
+
+
+def stop_here(r: Run, stop: StopSignal, epoch: int, step: int) -> None:
+    """The one answer to a stop signal: checkpoint at (``epoch``, ``step``), then hand the signal
+    on (submitit requeues on SIGUSR2; anything else exits with 128 + signum)."""
+    save_checkpoint(r, epoch, step)
+    print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step}")
+    stop.forward()
+
+
+# ---------------------------------------------------------------------------- training
+
+def progress_bar(r: Run):
+    """tqdm over all steps. A terminal redraws one line; a log file (SLURM) gets a progress line at
+    most every trainer.log_every_s (tqdm's monitor thread forces one every maxinterval: set it too)."""
     from tqdm.auto import tqdm
 
-    # a terminal redraws one line; a log file (SLURM) gets a progress line at most every
-    # trainer.log_every_s (tqdm's monitor thread forces one every maxinterval: set it too)
-    tty = sys.stderr.isatty()
-    every = 0.2 if tty else float(tcfg.log_every_s)
-    bar = tqdm(total=tcfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_step,
-               disable=not (tcfg.progress and d.is_main), dynamic_ncols=True, desc=cfg.method.name,
-               mininterval=every, maxinterval=max(every, 10.0))
-    say = bar.write if tty else print  # one line per evaluation (tqdm.write redraws the bar after it)
+    tcfg = r.tcfg
+    every = 0.2 if sys.stderr.isatty() else float(tcfg.log_every_s)
+    return tqdm(total=tcfg.epochs * r.steps_per_epoch, initial=r.start_epoch * r.steps_per_epoch + r.start_step,
+                disable=not (tcfg.progress and r.d.is_main), dynamic_ncols=True, desc=r.cfg.method.name,
+                mininterval=every, maxinterval=max(every, 10.0))
+
+
+def train(r: Run) -> None:
+    """Epochs from the run's start to ``trainer.epochs``; each is trained, then evaluated and
+    checkpointed when due. A stop signal is answered at the next step boundary, or after the
+    evaluation in progress (after the last one, the run just finishes)."""
+    stop = StopSignal()
+    bar = progress_bar(r)
+    say = bar.write if sys.stderr.isatty() else print  # one line per evaluation (tqdm.write redraws the bar)
     try:
-        for epoch in range(start_epoch, tcfg.epochs):
-            net.train()
-            first = start_step if epoch == start_epoch else 0
-            t0 = time.time()
-            for step, (x, y) in enumerate(train_batches.epoch(epoch, first), start=first):  # on the device
-                global_n = min(tcfg.batch_size, len(data.train) - step * tcfg.batch_size)
-                with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    # sum over the local share / global batch, times world (DDP averages grads):
-                    # the gradient of the global batch mean, whatever the process count
-                    loss = criterion(net(x), y) * (d.world_size / global_n)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tcfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                gstep = epoch * steps_per_epoch + step + 1
-                scheduler.step_update(gstep)
-                images_seen += global_n
-                bar.update(1)
-                # the loss is read back (a device sync) every 10 steps, at an epoch's end and before a
-                # checkpoint, not every step: a non-finite loss stops the run within 10 steps
-                if gstep % 10 == 0 or step + 1 == steps_per_epoch or stop.signum is not None:
-                    loss_value = loss.item() / d.world_size
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}",
-                                    refresh=False)  # shown with the next (rate-limited) update
-                    if gstep % 10 == 0:
-                        logger.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch}, step=gstep)
-                if stop.signum is not None:
-                    train_time += time.time() - t0
-                    save_checkpoint(epoch, step + 1)
-                    print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step + 1}")
-                    stop.forward()
-                    t0 = time.time()
-            train_time += time.time() - t0
-            last = epoch + 1 == tcfg.epochs
-            if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
-                # evaluation draws nothing from the training RNG (dropout, drop-path), whatever its
-                # loader does (a DataLoader without a generator seeds its workers from the global RNG,
-                # once per epoch or, with persistent workers, once per process: a resumed run would differ)
-                with torch.random.fork_rng(devices=[]):
-                    acc = evaluate(net, eval_batches, d, amp)
-                history.append({"epoch": epoch + 1, "acc": acc})
-                logger.log({f"eval/{eval_key}": acc, "epoch": epoch + 1}, step=(epoch + 1) * steps_per_epoch)
-                say(f"[peft-vit] epoch {epoch + 1}: {data.eval_split} acc {acc:.2f}%  [{cfg.protocol}]")
-            # a signal during the evaluation is handled after it (after the last one, the run just finishes)
+        for epoch in range(r.start_epoch, r.tcfg.epochs):
+            train_epoch(r, epoch, r.start_step if epoch == r.start_epoch else 0, stop, bar)
+            last = epoch + 1 == r.tcfg.epochs
+            if last or (r.tcfg.eval_every and (epoch + 1) % r.tcfg.eval_every == 0):
+                evaluate_epoch(r, epoch, say)
             stopping = stop.signum is not None and not last
-            if stopping or (not last and tcfg.checkpoint_every and (epoch + 1) % tcfg.checkpoint_every == 0):
-                save_checkpoint(epoch + 1, 0)
             if stopping:
-                print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch + 1}, step 0")
-                stop.forward()
+                stop_here(r, stop, epoch + 1, 0)
+            elif not last and r.tcfg.checkpoint_every and (epoch + 1) % r.tcfg.checkpoint_every == 0:
+                save_checkpoint(r, epoch + 1, 0)
     finally:
         bar.close()
         stop.restore()
 
-    # ---- record
+
+def train_epoch(r: Run, epoch: int, first: int, stop: StopSignal, bar) -> None:
+    """One epoch's steps from step ``first``."""
+    tcfg, d, optimizer = r.tcfg, r.d, r.optimizer
+    r.net.train()
+    t0 = time.time()
+    for step, (x, y) in enumerate(r.train_batches.epoch(epoch, first), start=first):  # on the device
+        global_n = min(tcfg.batch_size, len(r.data.train) - step * tcfg.batch_size)
+        with torch.autocast(d.device.type, dtype=r.amp or torch.float32, enabled=r.amp is not None):
+            # sum over the local share / global batch, times world (DDP averages grads):
+            # the gradient of the global batch mean, whatever the process count
+            loss = r.criterion(r.net(x), y) * (d.world_size / global_n)
+        optimizer.zero_grad(set_to_none=True)
+        r.scaler.scale(loss).backward()
+        if tcfg.grad_clip:
+            r.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(r.trainable, tcfg.grad_clip)
+        r.scaler.step(optimizer)
+        r.scaler.update()
+        gstep = epoch * r.steps_per_epoch + step + 1
+        r.scheduler.step_update(gstep)
+        r.images_seen += global_n
+        bar.update(1)
+        # the loss is read back (a device sync) every 10 steps, at an epoch's end and before a
+        # checkpoint, not every step: a non-finite loss stops the run within 10 steps
+        if gstep % 10 == 0 or step + 1 == r.steps_per_epoch or stop.signum is not None:
+            log_loss(r, loss, epoch, step, gstep, bar)
+        if stop.signum is not None:
+            r.train_time += time.time() - t0
+            stop_here(r, stop, epoch, step + 1)
+            t0 = time.time()
+    r.train_time += time.time() - t0
+
+
+def log_loss(r: Run, loss: torch.Tensor, epoch: int, step: int, gstep: int, bar) -> None:
+    loss_value = loss.item() / r.d.world_size
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
+    lr_now = r.optimizer.param_groups[0]["lr"]
+    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}",
+                    refresh=False)  # shown with the next (rate-limited) update
+    if gstep % 10 == 0:
+        r.logger.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch}, step=gstep)
+
+
+def evaluate_epoch(r: Run, epoch: int, say) -> None:
+    """Evaluate after ``epoch`` into the history. Evaluation draws nothing from the training RNG
+    (dropout, drop-path), whatever its loader does (a DataLoader without a generator seeds its
+    workers from the global RNG, once per epoch or, with persistent workers, once per process: a
+    resumed run would differ)."""
+    with torch.random.fork_rng(devices=[]):
+        acc = evaluate(r.net, r.eval_batches, r.d, r.amp)
+    r.history.append({"epoch": epoch + 1, "acc": acc})
+    r.logger.log({f"eval/{r.eval_key}": acc, "epoch": epoch + 1}, step=(epoch + 1) * r.steps_per_epoch)
+    say(f"[peft-vit] epoch {epoch + 1}: {r.data.eval_split} acc {acc:.2f}%  [{r.cfg.protocol}]")
+
+
+# ---------------------------------------------------------------------------- the record
+
+def make_record(r: Run) -> RunRecord:
+    """The run's :class:`RunRecord`: the last epoch's accuracy, the best over epochs (labelled
+    with the split it selects on), counts, speed, memory, versions and the config."""
+    cfg, d, data, history, counts = r.cfg, r.d, r.data, r.history, r.counts
     best = max(history, key=lambda h: h["acc"])
     peak_mb = (torch.cuda.max_memory_allocated(d.device) / 2**20 if d.device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    record = RunRecord(
+    return RunRecord(
         method=cfg.method.name, dataset=cfg.dataset.name, task=cfg.dataset.task, protocol=cfg.protocol,
         seed=cfg.seed, train_split=data.train_split, eval_split=data.eval_split,
-        **{eval_key: history[-1]["acc"]},
+        **{r.eval_key: history[-1]["acc"]},
         accuracy_is=f"last epoch ({history[-1]['epoch']}), {data.eval_split} split",
         best_acc_over_epochs=best["acc"], best_epoch=best["epoch"], best_acc_selects_on=data.eval_split,
-        epochs=tcfg.epochs, history=history, **counts,
-        wall_time_s=round(time.time() - t_start, 2),
-        train_images_per_s=round(images_seen / max(train_time, 1e-9), 2),
-        startup_s=round(startup_s, 2), eval_images_per_s=eval_batches.images_per_s,
+        epochs=r.tcfg.epochs, history=history, **counts,
+        wall_time_s=round(time.time() - r.t_start, 2),
+        train_images_per_s=round(r.images_seen / max(r.train_time, 1e-9), 2),
+        startup_s=round(r.startup_s, 2), eval_images_per_s=r.eval_batches.images_per_s,
         peak_memory_mb=round(peak_mb, 1),
         peak_memory_kind="cuda_max_allocated" if d.device.type == "cuda" else "cpu_max_rss",
         world_size=d.world_size, device=str(d.device),
-        compiled=compiled, compile_time_s=round(compile_seconds() - compile_s0, 2),
-        experiment=context.experiment, sweep=context.sweep, overrides=list(context.overrides),
+        compiled=r.compiled, compile_time_s=round(compile_seconds() - r.compile_s0, 2),
+        experiment=r.context.experiment, sweep=r.context.sweep, overrides=list(r.context.overrides),
         git_commit=git_commit(), versions=versions(),
-        config=run_cfg, config_fingerprint=rundir.fingerprint(result_cfg),
-        diagnostics=method.report(model) if method is not None and d.is_main else {},
+        config=r.run_cfg, config_fingerprint=fingerprint(r.result_cfg),
+        diagnostics=r.method.report(r.model) if r.method is not None and d.is_main else {},
     )
-    if d.is_main:
-        if tcfg.save_weights:  # the trained parameters, for scripts/export_merged.py
+
+
+def finish(r: Run, record: RunRecord) -> None:
+    """Rank 0 writes the weights, then the record (atomically, before anything that could still
+    fail), then deletes the checkpoint: a kill between any two leaves a state the next launch
+    finishes or skips. Figures are the caller's (``train.py``)."""
+    if r.d.is_main:
+        if r.tcfg.save_weights:  # the trained parameters, for scripts/export_merged.py
             from safetensors.torch import save as safetensors_bytes
 
-            with atomic_file(out_dir / WEIGHTS, "wb") as f:
-                f.write(safetensors_bytes(checkpoint.trainable_state(model)))
-        record.write(result_path)  # before anything that could still fail
-        ckpt_path.unlink(missing_ok=True)
-        from ..report.plots import plot_run
-
-        plot_run(record, out_dir)  # the method's figures (HTA: householder_rank.png)
-        print(f"[peft-vit] {label} | {eval_key} {record.accuracy:.2f}% (last epoch) | best over epochs "
-              f"{best['acc']:.2f}% at epoch {best['epoch']} (selects on {data.eval_split}) | "
+            with atomic_file(r.out_dir / WEIGHTS, "wb") as f:
+                f.write(safetensors_bytes(checkpoint.trainable_state(r.model)))
+        result_path = r.out_dir / RESULTS
+        record.write(result_path)
+        r.ckpt_path.unlink(missing_ok=True)
+        best = max(r.history, key=lambda h: h["acc"])
+        counts = r.counts
+        print(f"[peft-vit] {r.label} | {r.eval_key} {record.accuracy:.2f}% (last epoch) | best over epochs "
+              f"{best['acc']:.2f}% at epoch {best['epoch']} (selects on {r.data.eval_split}) | "
               f"trainable params {counts['trainable_params']:,} ({counts['trainable_params_no_head']:,} without head)"
               f" | {record.wall_time_s:.0f}s -> {result_path}")
-        logger.summary({eval_key: record.accuracy, "best_acc_over_epochs": best["acc"],
-                        "best_epoch": best["epoch"], "train_images_per_s": record.train_images_per_s,
-                        "peak_memory_mb": record.peak_memory_mb})
-    logger.finish()
-    distributed.shutdown(d)
+        r.logger.summary({r.eval_key: record.accuracy, "best_acc_over_epochs": best["acc"],
+                          "best_epoch": best["epoch"], "train_images_per_s": record.train_images_per_s,
+                          "peak_memory_mb": record.peak_memory_mb})
+    r.logger.finish()
+    distributed.shutdown(r.d)
     sys.stdout.flush()
-    return record

@@ -1,15 +1,13 @@
 """A run directory's state: who owns it (a lock), which configuration made what it holds (a
 fingerprint), and leftovers of writers that were killed mid-write.
 
-Fingerprint: a hash of the resolved config without the keys that do not change a run's
-results (``IGNORED``: loader workers, progress and log output, the logger, where data and
-outputs live, skip/resume/checkpoint/export switches, torch.compile). A checkpoint or a
-results.json whose fingerprint differs is never used silently; the keys that differ are named.
+Fingerprint (``peft_vit/fingerprint.py``): a hash of the resolved config without the
+run-invariant keys (``runtime_keys`` in ``configs/config.yaml``). A checkpoint or a results.json
+whose fingerprint differs is never used silently; the keys that differ are named.
 """
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -17,59 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-# Keys (dotted) that never change what a run computes, only how or where it runs. torch.compile
-# is here: it changes kernels, not the model or the recipe, and a run may need it turned off to
-# resume somewhere else (its float rounding may differ; bit-identity holds for equal settings).
-IGNORED = (
-    "hydra", "paths", "logger", "skip_done", "output_dir",
-    "trainer.num_workers", "trainer.progress", "trainer.log_every_s", "trainer.resume",
-    "trainer.checkpoint_every", "trainer.save_weights", "trainer.compile",
-    "dataset.root", "dataset.cache_dir", "dataset.tfds_dir", "dataset.prepare_if_missing",
-    # a preset's lookup table (experiment=proxy's per-method learning rates): the run's own value
-    # is resolved into its key (optim.lr), which stays
-    "proxy_lr",
-)
-
-
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, dict):
-        out: Dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in IGNORED)
-
-
-def result_config(cfg: Any) -> Dict[str, Any]:
-    """The flattened resolved config (a DictConfig or a plain dict) without ``IGNORED`` keys."""
-    import copy
-
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
-    if isinstance(cfg, DictConfig):
-        cfg = copy.deepcopy(cfg)
-        with open_dict(cfg):
-            cfg.pop("hydra", None)  # a launcher's job config has it; the run's has not
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in _flatten(cfg).items() if not _ignored(k)}
-
-
-def fingerprint(flat: Dict[str, Any]) -> str:
-    blob = json.dumps(flat, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def config_diff(old: Dict[str, Any], new: Dict[str, Any], limit: int = 8) -> List[str]:
-    """``key: old -> new`` for each differing key (``<absent>`` where a side lacks it)."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, KeyError) != new.get(k, KeyError))
-    lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:limit]]
-    if len(keys) > limit:
-        lines.append(f"... and {len(keys) - limit} more")
-    return lines
+from ..fingerprint import config_diff, fingerprint, result_config
+from ..record import RESULTS
 
 
 class ForeignStateError(RuntimeError):
@@ -121,8 +68,6 @@ def skip_done(cfg: Any, run_dir: Path, current: Optional[Dict[str, Any]] = None)
     submission (hydra_plugins/peft_vit_launcher.py): with ``cfg.skip_done``, the record in
     ``run_dir`` if it was made by this configuration (see :func:`finished_record`); None: run.
     ``current``: ``result_config(cfg)`` when the caller has it already."""
-    from ..record import RESULTS
-
     if not cfg.get("skip_done", False):
         return None
     return finished_record(Path(run_dir) / RESULTS, result_config(cfg) if current is None else current)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from ..engine.rundir import fingerprint, result_config
+from ..fingerprint import fingerprint, result_config
 from ..record import RESULTS, RecordError, RunRecord
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
@@ -39,7 +39,7 @@ VIEWS: Dict[str, View] = {
     "val": View("val", "tune/val", "tune", "val_acc"),
 }
 VIEW_ORDER = list(VIEWS)
-# not settings, besides rundir.IGNORED (keys that never change a result): the row's own keys, and
+# not settings, besides the runtime keys (fingerprint.RUNTIME_KEYS: keys that never change a result): the row's own keys, and
 # how or from where a run evaluates and loads its weights
 NOT_SETTINGS = ("seed", "protocol", "trainer.device", "trainer.eval_batch_size", "model.checkpoint")
 
@@ -53,7 +53,7 @@ class Record(RunRecord):
     @cached_property
     def settings(self) -> Dict[str, Any]:
         """The flattened config ({'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values) without
-        ``rundir.IGNORED`` and :data:`NOT_SETTINGS`; None counts as absent."""
+        the runtime keys (``runtime_keys`` in configs/config.yaml) and :data:`NOT_SETTINGS`; None counts as absent."""
         return {k: v for k, v in result_config(self.config or {}).items() if v is not None and k not in NOT_SETTINGS}
 
     backbone = property(lambda self: str(self.settings.get("model.name") or DEFAULT_BACKBONE))

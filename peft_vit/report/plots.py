@@ -9,7 +9,7 @@ figure as ``<stem>.json``, so tests and readers can check the plotted numbers wi
 * :func:`plot_householder_ranks` — HTA's per-layer effective rank of the H-term
   (``results.json["householder"]``; the 90 % energy rank), mean over tasks (each task: mean
   over seeds), as a layer × matrix heatmap and as lines. :func:`plot_run` draws it for one run,
-  beside its record (the loop calls it).
+  beside its record (``train.py`` calls it; the loop draws nothing).
 """
 from __future__ import annotations
 
@@ -268,8 +268,8 @@ def plot_householder_ranks(records: Sequence[RunRecord], stem: Path, title: str 
 
 
 def plot_run(record: RunRecord, out_dir: Path) -> List[Path]:
-    """One run's figures of its method's diagnostics, beside its results.json (the loop calls
-    this after writing the record): HTA's ``householder_rank.png`` (+ ``.json``, its data)."""
+    """One run's figures of its method's diagnostics, beside its results.json (``train.py``
+    calls this after the run; the loop draws nothing): HTA's ``householder_rank.png`` (+ ``.json``, its data)."""
     if record.method != "householder" or not householder_entries(record.diagnostics):
         return []
     stem = Path(out_dir) / "householder_rank"

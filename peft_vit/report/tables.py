@@ -30,12 +30,6 @@ PAPER_PROTOCOL = "paper: max test acc over epochs"
 
 # --------------------------------------------------------------------------- benchmarks
 
-# per task registry (peft_vit.data.<name>): the table's title, the mean column's ({n}: the number of
-# tasks), and the backbone the title names
-BENCHMARKS = {"vtab": ("VTAB-1k", "mean{n}", "ViT-B/16"), "fgvc": ("FGVC", "mean", "ViT-B/16"),
-              "proxy": ("Proxy benchmark", "mean", "proxy ViT (32 px, width 96)")}
-
-
 @dataclass
 class Benchmark:
     name: str                           # dataset name in the records: vtab | fgvc | ...
@@ -58,30 +52,30 @@ class Benchmark:
 
 
 def benchmark_for(dataset: str, records: Sequence[Record] = ()) -> Benchmark:
-    """Task order, groups and class counts from the task registry (``peft_vit.data.vtab.TASKS``,
-    ``.fgvc.DATASETS``, ``.proxy.TASKS``); another dataset: the tasks its records have."""
-    from ..data import fgvc, proxy, vtab
+    """Title, task order, groups and class counts from the benchmark its data source registers
+    (``peft_vit.data.get_benchmark``); another dataset: the tasks its records have."""
+    from ..data import get_benchmark
 
-    reg = {"vtab": vtab.TASKS, "fgvc": fgvc.DATASETS, "proxy": proxy.TASKS}.get(dataset)
-    if not reg:
+    registered = get_benchmark(dataset)
+    if registered is None:
         tasks = sorted({r.task for r in records if r.dataset == dataset})
         if clash := sorted(set(tasks) & set(META)):
             raise ValueError(f"{dataset}: the task names {clash} are table columns; rename these tasks")
         return Benchmark(dataset, dataset, tasks, {})
     groups: Dict[str, List[str]] = {}
+    reg = registered.tasks
     for t, spec in reg.items():
         if getattr(spec, "group", None):
             groups.setdefault(spec.group, []).append(t)
-    title, mean_title, backbone = BENCHMARKS[dataset]
-    return Benchmark(dataset, title, list(reg), groups, mean_title.format(n=len(reg)),
-                     (768 + 1) * (sum(s.num_classes for s in reg.values()) / len(reg)) / 1e6, backbone)
+    return Benchmark(dataset, registered.title, list(reg), groups, registered.mean_title.format(n=len(reg)),
+                     (768 + 1) * (sum(s.num_classes for s in reg.values()) / len(reg)) / 1e6, registered.backbone)
 
 
 def vtab_tasks() -> Dict[str, str]:
     """task -> group, in the papers' column order, from the task registry."""
-    from ..data import vtab
+    from ..data import get_benchmark
 
-    return {t: spec.group for t, spec in vtab.TASKS.items()}
+    return {t: spec.group for t, spec in get_benchmark("vtab").tasks.items()}
 
 
 # --------------------------------------------------------------------------- cells

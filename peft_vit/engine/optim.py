@@ -1,0 +1,62 @@
+"""The optimisation recipe: AdamW (or VPT's SGD) over the trainable parameters with the method's
+no-decay set, and the schedule (linear warm-up, cosine, optional restarts and cool-down; timm),
+stepped per iteration or per epoch (``optim.lr_step``).
+The loop builds both here and only steps them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters in two groups, not decayed and decayed by ``weight_decay``.
+    The model's method names the first (``Method.no_weight_decay``: by default timm's rule, no
+    decay on biases, norms and other 1-d tensors; RLRR follows its official code's groups)."""
+    from ..methods.base import default_no_weight_decay
+
+    method = getattr(model, "peft_method", None)
+    skip = method.no_weight_decay(model) if method is not None else default_no_weight_decay(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
+              {"params": [p for n, p in params if n not in skip], "weight_decay": ocfg.weight_decay}]
+    if ocfg.name == "sgd":  # VPT's optimiser (configs/optim/sgd_cosine.yaml)
+        return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum, fused=device.type == "cuda")
+    if ocfg.name != "adamw":
+        raise ValueError(f"optim.name={ocfg.name!r}: choose adamw (configs/optim/adamw_cosine.yaml) or sgd "
+                         f"(configs/optim/sgd_cosine.yaml)")
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+                             fused=device.type == "cuda")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_per_epoch: int):
+    """Per-iteration linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then (RLRR's
+    cool-down) ``cooldown_epochs`` epochs held at ``min_lr``. With ``restart_epochs`` the cosine
+    restarts from ``lr`` every that many epochs (SGDR, as RLRR's code for CUB and Dogs). Call
+    ``step_update(n)`` after the n-th optimiser step. ``lr_step: epoch`` (FacT's, SSF's and VPT's
+    code: timm's or their scheduler stepped once per epoch) holds each epoch's lr for all its steps;
+    absent or ``iteration``: a new lr every step."""
+    from timm.scheduler import CosineLRScheduler
+
+    class PerEpoch(CosineLRScheduler):
+        def step_update(self, num_updates: int, metric=None):  # the lr of the epoch the next step is in
+            return super().step_update(num_updates // steps_per_epoch * steps_per_epoch, metric)
+
+    lr_step = ocfg.get("lr_step", "iteration")
+    if lr_step not in ("iteration", "epoch"):
+        raise ValueError(f"optim.lr_step={lr_step!r}: choose iteration or epoch")
+
+    cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
+    if cosine_epochs <= 0:
+        raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
+    cycle, cycles = cosine_epochs, 1
+    if ocfg.get("restart_epochs") is not None:  # 0 is an error, not "no restarts"
+        cycle = ocfg.restart_epochs
+        if not 0 < cycle <= cosine_epochs:
+            raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
+                             f"minus optim.cooldown_epochs), or null for one cosine")
+        cycles = math.ceil(cosine_epochs / cycle)
+    return (PerEpoch if lr_step == "epoch" else CosineLRScheduler)(
+        optimizer, t_initial=int(cycle * steps_per_epoch), lr_min=ocfg.min_lr, cycle_limit=cycles,
+        warmup_t=int(ocfg.warmup_epochs * steps_per_epoch), warmup_lr_init=ocfg.warmup_lr, t_in_epochs=False)
