@@ -22,14 +22,15 @@ def _fresh_timm():
 
 
 def test_registry_has_the_methods_this_file_covers():
-    assert {"linear", "full"} <= set(METHODS) and {"adapter", "adaptformer", "vpt_deep"} <= NOT_MERGEABLE
+    assert {"linear", "full"} <= set(METHODS) and {"adapter", "adaptformer", "vpt_deep", "convpass"} <= NOT_MERGEABLE
     assert MERGEABLE, "no mergeable method registered"
 
 
 # every mergeable method at its defaults, plus the target variants that change which blocks of
 # the fused qkv (or which other matrices) are adapted
 VARIANTS = [(m, {}) for m in MERGEABLE] + [("lora", {"targets": ["q", "v"]}), ("householder", {"targets": "qv"}),
-                                           ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]})]
+                                           ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]}),
+                                           ("repadapter", {"placement": "attn"}), ("fact_tt", {"targets": ["q", "v", "fc2"]})]
 
 
 @pytest.mark.parametrize("method,kwargs", VARIANTS, ids=lambda v: v if isinstance(v, str) else
@@ -69,8 +70,9 @@ def test_baselines_merge_to_themselves(method, tiny_input):
         assert torch.equal(model(tiny_input), ref)
 
 
-@pytest.mark.parametrize("method,kwargs", [("adapter", {}), ("adapter", {"placement": "houlsby"}), ("adaptformer", {})],
-                         ids=["pfeiffer", "houlsby", "adaptformer"])
+@pytest.mark.parametrize("method,kwargs", [("adapter", {}), ("adapter", {"placement": "houlsby"}), ("adaptformer", {}),
+                                           ("convpass", {})],
+                         ids=["pfeiffer", "houlsby", "adaptformer", "convpass"])
 def test_adapter_is_not_mergeable(method, kwargs, tiny_input):
     model = train_steps(build(method, **kwargs), tiny_input, steps=1)
     with torch.no_grad():

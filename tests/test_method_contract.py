@@ -44,10 +44,23 @@ ROWS = {
     # the official init gamma ~ N(1, 0.02), beta ~ N(0, 0.02); 0.48 (0.09 on the std-0.02 TINY_MODEL)
     "ssf": Row(205_824, False, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
     "bitfit": Row(102_912, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),  # 0.46 (0.11 on TINY_MODEL)
+    # 12 blocks · 2 LayerNorms · (768 + 768) + the final norm's 1,536
+    "ln_tune": Row(38_400, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
+    # bitfit's 102,912 biases + LayerNorm weights 12 · 2 · 768 + 768 = 19,200 + gamma 12 · 2 · 768 = 18,432
+    "difffit": Row(140_544, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
+    # 24 adapters · (W_A 8·768 + b_A 8 + grouped W_B 768·4 + b_B 768 = 9,992)
+    "repadapter": Row(239_808, True),
+    # 24 bypasses · (down 768·8 + 8 + conv 8·8·9 + 8 + up 8·768 + 768 = 13,648); zero up-projection
+    "convpass": Row(327_552, True),
+    # rank 8: U 768·8 + V 768·8 + 12 blocks · (q, k, v, o 4·8² + fc1 4·8² + fc2 4·8²) = 12,288 + 9,216
+    "fact_tt": Row(21_504, True),
 }
+# what a method adds to the model (default: its whole count); the others train backbone tensors too
+ADDED = {"full": 0, "bitfit": 0, "ln_tune": 0, "difffit": 18_432}
 # variants whose trainable set differs from the default's (other blocks, other modules)
 VARIANTS = [(m, {}) for m in ROWS] + [("lora", dict(targets=["q", "v"])), ("adapter", dict(placement="houlsby")),
-                                      ("dora", dict(targets=["q", "v"])), ("vpt_deep", dict(deep=False))]
+                                      ("dora", dict(targets=["q", "v"])), ("vpt_deep", dict(deep=False)),
+                                      ("repadapter", dict(placement="attn")), ("convpass", dict(placement="attn"))]
 
 
 def _id(v):
@@ -74,8 +87,8 @@ def test_vit_b16_count(method):
     c = peft_vit.count_parameters(build(method, VIT_B16))
     assert c["trainable_params_no_head"] == ROWS[method].count
     assert c["trainable_params"] == ROWS[method].count + HEAD
-    # full and bitfit train the backbone's own tensors: they add none
-    assert c["total_params"] == FULL + HEAD + (0 if method in ("full", "bitfit") else ROWS[method].count)
+    # full, bitfit and ln_tune train the backbone's own tensors: they add none (difffit adds only gamma)
+    assert c["total_params"] == FULL + HEAD + ADDED.get(method, ROWS[method].count)
 
 
 @pytest.mark.parametrize("method", ROWS)

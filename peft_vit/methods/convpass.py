@@ -80,7 +80,8 @@ class ConvBypass(PeftModule):
         patches = self.conv(h[:, P:].transpose(1, 2).reshape(B, -1, H, W)).flatten(2).transpose(1, 2)
         prefix = F.linear(h[:, :P], self.conv.weight[:, :, 1, 1], self.conv.bias)  # each as a 1×1 image
         h = self.dropout(self.act(torch.cat([prefix, patches], dim=1)))
-        return self.drop_path(self.up(h) * self.scale)
+        out = self.up(h)
+        return self.drop_path(out if self.scale == 1.0 else out * self.scale)
 
 
 @register_method("convpass")

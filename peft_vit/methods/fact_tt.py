@@ -23,8 +23,11 @@ Choices from the official code where the paper is silent:
   16 (4 for Clevr-dist); s 1 on 7 of the 19 VTAB tasks (the default here), 10 on 6, 100 on 4,
   0.1 on Resisc45, 0.01 on DTD. Default rank 8 (the unified study's, OSU-MLB/ViT_PEFT_Vision
   ``--fact_dim``; it searches rank {8, 16, 32} and s {0.01 … 100}).
-* q, k and v are three blocks of the fused ``attn.qkv``, each with its own core and dropout mask
-  (official: three separate paths added to the fused output).
+* the fused ``attn.qkv`` (default target ``qkv``) is one Linear of three output pieces with the
+  core Σ = [Σ_q; Σ_k; Σ_v] (3r×r): the official three paths (``q_FacTs``, ``k_FacTs``,
+  ``v_FacTs``, each with its dropout) are exactly these rows, and one dropout over the 3r-vector
+  masks each entry independently as three calls do. ``targets: [q, k, v, …]`` adapts the blocks
+  separately instead (same math and count; ``[q, v]`` leaves k out).
 * Swin: one D-wide U, V across all layers needs one width; Swin's grows per stage, so it raises
   :class:`~peft_vit.methods.base.UnsupportedBackboneError` (the official code handles ViT only).
 
@@ -38,11 +41,12 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import Method, PeftModule, UnsupportedBackboneError, adapt_linears, backbone_family, register_method
 from .fact_tk import FacTDelta
 
-TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+TARGETS = ("qkv", "q", "k", "v", "o", "fc1", "fc2")
 
 
 class SharedUV(PeftModule):
@@ -67,10 +71,19 @@ class FacTTTDelta(FacTDelta):
     def qr(self):
         return self.q_from(self.core.t()), self.r_mat()
 
+    def forward(self, x, weight, bias):
+        """``s · V(Dropout(Σ U(x)))`` per piece, without forming Q and R (the official order)."""
+        u, core, v = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (self.factors.u, self.core, self.factors.v))
+        h = F.linear(x if self.p_in == 1 else x.unflatten(-1, (self.p_in, -1)), u)
+        z = self.dropout(F.linear(h if self.p_in == 1 else h.flatten(-2), core))
+        out = F.linear(z if self.p_out == 1 else z.unflatten(-1, (self.p_out, -1)), v)
+        out = out if self.p_out == 1 else out.flatten(-2)
+        return out if self.scale == 1.0 else out * self.scale
+
 
 @register_method("fact_tt")
 class FacTTT(Method):
-    def __init__(self, rank: int = 8, scale: float = 1.0, dropout: float = 0.1, targets: Sequence[str] = TARGETS):
+    def __init__(self, rank: int = 8, scale: float = 1.0, dropout: float = 0.1, targets: Sequence[str] = ("qkv", "o", "fc1", "fc2")):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:

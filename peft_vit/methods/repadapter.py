@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 
@@ -56,19 +57,14 @@ class RepAdapter(PeftModule):
         self.up_bias = nn.Parameter(torch.zeros(dim))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def up(self, h: torch.Tensor) -> torch.Tensor:
-        g = self.groups
-        w = self.up_weight.view(g, -1, self.up_weight.shape[1])  # (G, D/G, h/G)
-        out = torch.einsum("...gc,gdc->...gd", h.unflatten(-1, (g, -1)), w.to(h.dtype))
-        return out.flatten(-2) + self.up_bias.to(h.dtype)
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.up(self.dropout(self.down(z))) * self.scale
+        w, b = (t if t.dtype == z.dtype else t.to(z.dtype) for t in (self.dense_up(), self.up_bias))
+        up = F.linear(self.dropout(self.down(z)), w, b)
+        return z + (up if self.scale == 1.0 else up * self.scale)
 
     def dense_up(self) -> torch.Tensor:
         """W_B as a dense (D, h) block-diagonal matrix."""
-        g = self.groups
-        return torch.block_diag(*self.up_weight.view(g, -1, self.up_weight.shape[1]).unbind(0))
+        return torch.block_diag(*self.up_weight.chunk(self.groups, 0))
 
     @torch.no_grad()
     def fold_into(self, original: nn.Module) -> nn.Module:
