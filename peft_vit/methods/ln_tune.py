@@ -29,6 +29,9 @@ def train_layernorms(model: nn.Module) -> None:
 
 @register_method("ln_tune")
 class LNTune(Method):
+    def __init__(self):  # no options: the trainable set is fixed
+        pass
+
     def mark_trainable(self, model: nn.Module) -> None:
         super().mark_trainable(model)  # the head (LN tuning adds no module)
         train_layernorms(model)
