@@ -9,13 +9,14 @@ Linear of each layer::
 q, k, v and o have an r×r core each; fc1 (4D×D) an 4r×r core whose output splits into four
 r-blocks, each through V; fc2 (D×4D) an r×4r core reading U applied to each of its four D-wide
 input blocks (the official ``fc1_FacTs`` / ``fc2_FacTs``). Dropout 0.1 on the r-dim intermediate
-after the core. This is FacT-TK's per-Linear path (fact_tk.py's :class:`FacTDelta`, the same
-``Q = blockdiag(Uᵀ) Σᵀ``, ``R = s · blockdiag(Vᵀ)``) with the core read from its own parameter
-instead of the shared Tucker core.
+after the core. The delta is FacT-TK's (fact_tk.py's :class:`FacTDelta`: ΔW for merging from the
+same ``Q = blockdiag(Uᵀ) Σᵀ``, ``R = s · blockdiag(Vᵀ)``) with the core read from its own parameter
+instead of the shared Tucker core; its forward applies U, Σ and V in turn, as the official code.
 
 Init (official): U as ``nn.Linear(D, r)``'s default (kaiming-uniform, a=√5), V zeros (so the model
 starts as the backbone), each core as ``nn.Linear``'s default. The shared U, V are registered
-once, in the first adapted Linear's delta (``…deltas.q.shared``).
+once, in the first adapted Linear's delta (``blocks.0.attn.qkv.deltas.all.shared``). A stacked
+qkv core (3r×r) draws each entry as the three official r×r cores do (fan-in r).
 
 Choices from the official code where the paper is silent:
 
