@@ -31,6 +31,8 @@ TINY = {
 REFUSES = {
     ("vpt_deep", "swin"),  # prompt tokens need one global token sequence; Swin attends per window
     ("fact_tk", "swin"),  # one tensor shared by all layers needs one width; Swin's grows per stage
+    ("fact_tt", "swin"),  # the same: U, V shared by all layers
+    ("convpass", "swin"),  # the 3x3 conv runs on a ViT's prefix tokens + one patch grid; timm's Swin blocks see maps
 }
 TRIVIAL = {"linear", "full"}  # nothing to fold
 WRAPPERS = (PeftModule, AdaptedLinear, InsertedAfter, InsertedParallel, InputTap)

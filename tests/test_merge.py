@@ -22,7 +22,7 @@ def _fresh_timm():
 
 
 def test_registry_has_the_methods_this_file_covers():
-    assert {"linear", "full"} <= set(METHODS) and {"adapter", "adaptformer", "vpt_deep"} <= NOT_MERGEABLE
+    assert {"linear", "full"} <= set(METHODS) and {"adapter", "adaptformer", "vpt_deep", "convpass"} <= NOT_MERGEABLE
     assert MERGEABLE, "no mergeable method registered"
 
 
@@ -32,7 +32,8 @@ VARIANTS = [(m, {}) for m in MERGEABLE] + [("lora", {"targets": ["q", "v"]}), ("
                                            ("householder", {"targets": "qkvo_mlp"}), ("dora", {"targets": ["q", "v"]}),
                                            ("hra", {"init": "random", "gram_schmidt": True}),
                                            ("oft", {"neumann_terms": 5, "targets": ["qkv", "o"]}),
-                                           ("boft", {"factors": 3, "block_size": 4, "targets": ["q", "fc2"]})]
+                                           ("boft", {"factors": 3, "block_size": 4, "targets": ["q", "fc2"]}),
+                                           ("repadapter", {"placement": "attn"}), ("fact_tt", {"targets": ["q", "v", "fc2"]})]
 
 
 @pytest.mark.parametrize("method,kwargs", VARIANTS, ids=lambda v: v if isinstance(v, str) else
@@ -72,8 +73,9 @@ def test_baselines_merge_to_themselves(method, tiny_input):
         assert torch.equal(model(tiny_input), ref)
 
 
-@pytest.mark.parametrize("method,kwargs", [("adapter", {}), ("adapter", {"placement": "houlsby"}), ("adaptformer", {})],
-                         ids=["pfeiffer", "houlsby", "adaptformer"])
+@pytest.mark.parametrize("method,kwargs", [("adapter", {}), ("adapter", {"placement": "houlsby"}), ("adaptformer", {}),
+                                           ("convpass", {})],
+                         ids=["pfeiffer", "houlsby", "adaptformer", "convpass"])
 def test_adapter_is_not_mergeable(method, kwargs, tiny_input):
     model = train_steps(build(method, **kwargs), tiny_input, steps=1)
     with torch.no_grad():

@@ -54,10 +54,23 @@ ROWS = {
     "hra": Row(184_320, True),  # q, v of 12 blocks, 10 reflections of 768: 24 · 768 · 10 (HTA's budget)
     "oft": Row(138_240, True),  # q, v of 12 blocks, 768/16 = 48 blocks of 16·15/2 = 120: 24 · 48 · 120
     "boft": Row(147_456, True),  # q, v of 12 blocks: 24 · (2 factors · 96 blocks · 8·7/2 + 768 scales)
+    # 12 blocks · 2 LayerNorms · (768 + 768) + the final norm's 1,536
+    "ln_tune": Row(38_400, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
+    # bitfit's 102,912 biases + LayerNorm weights 12 · 2 · 768 + 768 = 19,200 + gamma 12 · 2 · 768 = 18,432
+    "difffit": Row(140_544, True, digits=dict(model=TINY_JAX, epochs=4, lr=5e-3)),
+    # 24 adapters · (W_A 8·768 + b_A 8 + grouped W_B 768·4 + b_B 768 = 9,992)
+    "repadapter": Row(239_808, True),
+    # 24 bypasses · (down 768·8 + 8 + conv 8·8·9 + 8 + up 8·768 + 768 = 13,648); zero up-projection
+    "convpass": Row(327_552, True, digits=dict(model=TINY_JAX, epochs=5, lr=1e-2)),  # 0.76 (0.29 on TINY_MODEL)
+    # rank 8: U 768·8 + V 768·8 + 12 blocks · (q, k, v, o 4·8² + fc1 4·8² + fc2 4·8²) = 12,288 + 9,216
+    "fact_tt": Row(21_504, True, digits=dict(model=TINY_JAX, epochs=8, lr=1e-2)),  # 0.55 (at scale 1)
 }
+# what a method adds to the model (default: its whole count); the others train backbone tensors too
+ADDED = {"full": 0, "bitfit": 0, "ln_tune": 0, "difffit": 18_432}
 # variants whose trainable set differs from the default's (other blocks, other modules)
 VARIANTS = [(m, {}) for m in ROWS] + [("lora", dict(targets=["q", "v"])), ("adapter", dict(placement="houlsby")),
-                                      ("dora", dict(targets=["q", "v"])), ("vpt_deep", dict(deep=False))]
+                                      ("dora", dict(targets=["q", "v"])), ("vpt_deep", dict(deep=False)),
+                                      ("repadapter", dict(placement="attn")), ("convpass", dict(placement="attn"))]
 
 
 def _id(v):
@@ -87,12 +100,12 @@ def builder(method: str) -> Builder:
     return lambda model=TINY_MODEL, **kwargs: build(method, model, **kwargs)
 
 
-def check_vit_b16_count(make: Builder, row: Row, adds_none: bool = False) -> None:
+def check_vit_b16_count(make: Builder, row: Row, added: Optional[int] = None) -> None:
     c = peft_vit.count_parameters(make(VIT_B16))
     assert c["trainable_params_no_head"] == row.count
     assert c["trainable_params"] == row.count + HEAD
-    # full and bitfit train the backbone's own tensors: they add none
-    assert c["total_params"] == FULL + HEAD + (0 if adds_none else row.count)
+    # full, bitfit and ln_tune train the backbone's own tensors: they add none (difffit adds only gamma)
+    assert c["total_params"] == FULL + HEAD + (row.count if added is None else added)
 
 
 def check_identity_at_start(make: Builder, row: Row, x: torch.Tensor) -> None:
@@ -124,7 +137,7 @@ def check_learns_digits(make: Builder, row: Row) -> None:
 
 @pytest.mark.parametrize("method", ROWS)
 def test_vit_b16_count(method):
-    check_vit_b16_count(builder(method), ROWS[method], adds_none=method in ("full", "bitfit"))
+    check_vit_b16_count(builder(method), ROWS[method], added=ADDED.get(method))
 
 
 @pytest.mark.parametrize("method", ROWS)
