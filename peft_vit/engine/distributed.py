@@ -47,6 +47,19 @@ def init(device_pref: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def wrap(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """``module`` under DDP when there are several processes. Buffers are not re-sent every
+    forward (``forward_sync_buffers=False``, torch's successor of ``broadcast_buffers=False``;
+    DDP still syncs them once at wrapping): the methods' buffers are constants (one-hot and row
+    indices, VeRA's frozen A and B), so a per-forward broadcast is a collective for nothing.
+    Gradients are views into DDP's buckets, not copies (``gradient_as_bucket_view``)."""
+    if not d.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+        forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -210,11 +210,7 @@ def set_up(r: Run) -> None:
     # stays eager for evaluation, state dicts, merge and report
     r.compiled = compile_enabled(tcfg.get("compile", False), d.device)
     r.net = WholeForward(model) if r.compiled else model
-    if d.enabled:
-        # buffers are constants (one-hot and row indices, VeRA's frozen A and B): never re-sent;
-        # gradients are views into DDP's buckets, not copies
-        r.net = nn.parallel.DistributedDataParallel(r.net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                                    broadcast_buffers=False, gradient_as_bucket_view=True)
+    r.net = distributed.wrap(r.net, d)  # DDP under torchrun (no per-forward buffer broadcast)
     r.compile_time = 0.0  # seconds compiling, left out of train_time (both throughputs exclude it)
     if r.compiled:
         compile_cache(cfg.get("paths", {}).get("cache_dir"))
