@@ -66,6 +66,15 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def rank0_decides(flag: bool, d: Dist) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision by a clock, which ranks do not share)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

@@ -12,7 +12,8 @@ Protocols (named in every output):
 The reported accuracy is the last epoch's. ``best_acc_over_epochs`` (the maximum over evaluated
 epochs, what most papers report) is recorded too, labelled with the split it selects on.
 
-Resumable: a checkpoint is saved every ``trainer.checkpoint_every`` epochs and when the process
+Resumable: a checkpoint is saved at the end of an epoch once ``trainer.checkpoint_every_s``
+seconds have passed since the last (or every ``trainer.checkpoint_every`` epochs) and when the process
 is told to stop (SIGTERM, SIGINT, or submitit's SIGUSR2; at the next step boundary or after the
 evaluation in progress; DataLoader workers ignore these signals, see ``signals.py``); a
 re-launch with the same output dir continues from it (``trainer.resume``) and ends bit-identical
@@ -165,6 +166,7 @@ class Run:
         self.out_dir = Path(context.output_dir)
         self.ckpt_path = self.out_dir / CHECKPOINT
         self.start_epoch, self.start_step, self.history, self.train_time, self.images_seen = 0, 0, [], 0.0, 0
+        self.last_checkpoint = t_start  # for trainer.checkpoint_every_s
 
 
 def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> RunRecord:
@@ -186,6 +188,7 @@ def set_up(r: Run) -> None:
     r.d = d = distributed.init(tcfg.device)
     torch.manual_seed(cfg.seed)
     r.amp = _precision(tcfg.precision, d.device)
+    checkpoint_every_s(tcfg)  # a bad value is an error before anything is built
 
     r.model = model = build_model(cfg).to(d.device)
     r.method = getattr(model, "peft_method", None)
@@ -248,6 +251,24 @@ def resume(r: Run) -> None:
         print(f"[peft-vit] resumed from {r.ckpt_path} at epoch {r.start_epoch}, step {r.start_step}")
 
 
+def checkpoint_every_s(tcfg) -> Optional[float]:
+    every_s = tcfg.get("checkpoint_every_s")
+    if every_s is not None and (isinstance(every_s, bool) or not isinstance(every_s, (int, float)) or every_s <= 0):
+        raise ValueError(f"trainer.checkpoint_every_s={every_s!r}: give a number of seconds > 0, or null (no "
+                         f"checkpoints by time)")
+    return every_s
+
+
+def checkpoint_due(r: Run, epoch: int) -> bool:
+    """After ``epoch``: when ``trainer.checkpoint_every_s`` seconds (default 600) have passed since
+    the run started or last checkpointed, or every ``trainer.checkpoint_every`` epochs if that is
+    set (null by default); either null is off. Checked at epoch ends; under torchrun rank 0's
+    clock decides for all (one broadcast per epoch)."""
+    every, every_s = r.tcfg.get("checkpoint_every"), checkpoint_every_s(r.tcfg)
+    by_time = every_s is not None and distributed.rank0_decides(time.time() - r.last_checkpoint >= every_s, r.d)
+    return by_time or bool(every and (epoch + 1) % every == 0)
+
+
 def save_checkpoint(r: Run, epoch: int, step: int) -> None:
     """The position (``epoch``, ``step``: the next step to run) and everything needed to go on."""
     if r.d.is_main:
@@ -256,6 +277,7 @@ def save_checkpoint(r: Run, epoch: int, step: int) -> None:
                         extra=dict(history=r.history, train_time=r.train_time, images_seen=r.images_seen),
                         config=r.result_cfg)
     distributed.barrier(r.d)
+    r.last_checkpoint = time.time()
 
 
 def stop_here(r: Run, stop: StopSignal, epoch: int, step: int) -> None:
@@ -296,7 +318,7 @@ def train(r: Run) -> None:
             stopping = stop.signum is not None and not last
             if stopping:
                 stop_here(r, stop, epoch + 1, 0)
-            elif not last and r.tcfg.checkpoint_every and (epoch + 1) % r.tcfg.checkpoint_every == 0:
+            elif not last and checkpoint_due(r, epoch):
                 save_checkpoint(r, epoch + 1, 0)
     finally:
         bar.close()
