@@ -166,9 +166,14 @@ def test_host_syncs_at_most_one_per_ten_steps(method, tmp_path):
 
 
 def test_compile_cache_under_cache_dir_unless_the_environment_names_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     loop.compile_cache(tmp_path)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as inductor sets it on first use
+    loop.compile_cache(tmp_path / "b")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     loop.compile_cache(tmp_path)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

@@ -111,9 +111,12 @@ class WholeForward(nn.Module):
 
 def compile_cache(cache_dir) -> None:
     """A persistent inductor cache (FX graphs, kernels; Triton's beside them) under
-    ``paths.cache_dir``, unless the environment names one (``TORCHINDUCTOR_CACHE_DIR``). Set
-    only when compiling."""
-    if cache_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    ``paths.cache_dir``, unless the environment names another (``TORCHINDUCTOR_CACHE_DIR``). Set
+    only when compiling. Inductor writes its default (a temp dir) into the environment when first
+    asked, which importing timm already does: that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if cache_dir and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(os.path.expanduser(str(cache_dir))) / "inductor")
 
 
