@@ -28,6 +28,7 @@ takes seconds. Budgets (held by tests/test_op_budget.py): householder, lora, kad
 adapter ≤ full's count; rlrr ≤ 1.5× full's::
 
     python scripts/benchmark.py --ops
+    python scripts/benchmark.py --ops --precision bf16   # fp32 and bf16-autocast counts side by side
 """
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ OPS_MODEL = dict(MODELS["tiny"], overrides=dict(MODELS["tiny"]["overrides"], dep
 MODELS["tiny12"] = OPS_MODEL
 
 
-def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = None, batch: int = 2) -> int:
-    """Top-level ``aten::`` ops of one training step of ``method`` on :data:`OPS_MODEL` (CPU, fp32):
+def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = None, batch: int = 2,
+                   precision: str = "fp32") -> int:
+    """Top-level ``aten::`` ops of one training step of ``method`` on :data:`OPS_MODEL` (CPU, fp32,
+    or ``precision="bf16"``: forward and loss under bf16 autocast, as the loop runs them on CUDA):
     forward + cross-entropy + backward + AdamW(foreach=True) step + zero_grad, counted with
     torch.profiler after one uncounted step. An op counts when no other aten op encloses it."""
     import torch
@@ -86,8 +89,13 @@ def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = Non
     x = torch.randn(batch, 3, OPS_MODEL["img_size"], OPS_MODEL["img_size"])
     y = torch.randint(0, OPS_MODEL["num_classes"], (batch,))
 
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: choose fp32 or bf16")
+
     def step():
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -106,16 +114,19 @@ def count_step_ops(method: str, method_overrides: Optional[Dict[str, Any]] = Non
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and top_level(e))
 
 
-def ops_table(counts: Dict[str, int]) -> str:
+def ops_table(counts: Dict[str, int], bf16: Optional[Dict[str, int]] = None) -> str:
+    """The fp32 counts against full's budgets; with ``bf16`` (counts under bf16 autocast) a column
+    of those and their ratio to fp32."""
     full = counts.get("full")
-    lines = [f"{'method':<12} {'ops/step':>9} {'×full':>6}  budget"]
+    lines = [f"{'method':<12} {'ops/step':>9} {'×full':>6}" + (f" {'bf16':>9} {'×fp32':>6}" if bf16 else "") + "  budget"]
     for m, n in counts.items():
         ratio = n / full if full else float("nan")
         b = OP_BUDGETS.get(m)
         mark = "" if b is None or not full else f"≤{b}× full: {'ok' if n <= b * full else 'MISSED'}"
-        lines.append(f"{m:<12} {n:>9,} {ratio:>6.2f}  {mark}")
-    lines.append("top-level aten:: ops of one training step (forward, backward, AdamW foreach step), CPU fp32, "
-                 "12-block tiny ViT (D=64, 32 px, patch 4), batch 2")
+        cast = f" {bf16[m]:>9,} {bf16[m] / n:>6.2f}" if bf16 else ""
+        lines.append(f"{m:<12} {n:>9,} {ratio:>6.2f}{cast}  {mark}")
+    lines.append("top-level aten:: ops of one training step (forward, backward, AdamW foreach step), CPU fp32"
+                 + (" and bf16 autocast" if bf16 else "") + ", 12-block tiny ViT (D=64, 32 px, patch 4), batch 2")
     return "\n".join(lines)
 
 
@@ -243,6 +254,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--exact-rss", action="store_true", help="CPU: peak RSS that follows live tensors (see above)")
     ap.add_argument("--ops", action="store_true", help="count top-level aten ops of one step instead (see above)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="--ops: bf16 counts each step under bf16 autocast too and prints both")
     ap.add_argument("--out", help="write the results as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -263,10 +276,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
 
         torch.set_num_threads(args.threads or 1)
         counts = {m: count_step_ops(m) for m in methods}
-        print(ops_table(counts))
+        bf16 = {m: count_step_ops(m, precision="bf16") for m in methods} if args.precision == "bf16" else None
+        print(ops_table(counts, bf16))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"ops_per_step": counts, "table": ops_table(counts)}, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps({"ops_per_step": counts, **({"ops_per_step_bf16": bf16} if bf16 else {}),
+                                                  "table": ops_table(counts, bf16)}, indent=2) + "\n")
         return [{"method": m, "ops_per_step": n} for m, n in counts.items()]
     results = []
     for m in methods:

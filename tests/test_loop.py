@@ -144,6 +144,27 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
 
 
+def test_ddp_arguments_gloo_no_buffer_broadcast_gradients_in_buckets(tmp_path):
+    """DDP as the loop wraps it (gloo, one process): constant buffers are not broadcast, gradients
+    are views into the buckets, and a training step of VeRA (frozen A and B are buffers) runs."""
+    import torch.distributed as dist
+
+    from conftest import build
+    from peft_vit.engine import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build("vera")
+        ddp = distributed.wrap(model, distributed.Dist(0, 2, 0, torch.device("cpu")))
+        assert ddp.forward_sync_buffers is False and ddp.gradient_as_bucket_view is True
+        assert any(True for _ in model.buffers())
+        ddp(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert distributed.wrap(model, distributed.Dist(device=torch.device("cpu"))) is model  # one process
+    finally:
+        dist.destroy_process_group()
+
+
 def schedule(epochs, steps_per_epoch, **ocfg):
     """The learning rate before each optimiser step of the loop's scheduler."""
     from omegaconf import OmegaConf

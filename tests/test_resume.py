@@ -253,3 +253,29 @@ def test_stop_signal_flags_then_second_ctrl_c_interrupts():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_checkpoint_due_by_time_by_default_epochs_on_request():
+    """trainer.checkpoint_every_s (600 s by default) at epoch ends; trainer.checkpoint_every
+    (null by default) every N epochs; a bad value names the key and the fix."""
+    import time
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from peft_vit.engine import loop
+    from peft_vit.engine.distributed import Dist
+
+    tcfg = compose().trainer
+    assert tcfg.checkpoint_every_s == 600 and tcfg.checkpoint_every is None
+    r = SimpleNamespace(tcfg=tcfg, d=Dist(), last_checkpoint=time.time())
+    assert not any(loop.checkpoint_due(r, e) for e in range(30))
+    r.last_checkpoint -= 601
+    assert loop.checkpoint_due(r, 0)
+    r.tcfg = OmegaConf.create(dict(checkpoint_every_s=None, checkpoint_every=3))
+    assert [e for e in range(9) if loop.checkpoint_due(r, e)] == [2, 5, 8]
+    r.tcfg = OmegaConf.create(dict(checkpoint_every_s=None, checkpoint_every=None))
+    assert not any(loop.checkpoint_due(r, e) for e in range(9))  # only when told to stop
+    r.tcfg = OmegaConf.create(dict(checkpoint_every_s=0, checkpoint_every=None))
+    with pytest.raises(ValueError, match=r"trainer.checkpoint_every_s=0: give a number of seconds > 0, or null"):
+        loop.checkpoint_due(r, 0)

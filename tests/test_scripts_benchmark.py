@@ -61,3 +61,15 @@ def test_ops_mode_prints_counts_ratios_and_budgets(tmp_path, capsys):
     assert f"{counts['lora']:,}" in lora_row and f"{counts['lora'] / counts['full']:.2f}" in lora_row
     assert "≤1.0× full: ok" in lora_row
     assert json.loads(out.read_text())["ops_per_step"] == counts
+
+
+def test_ops_precision_bf16_prints_both_counts():
+    """``--ops --precision bf16``: each method's fp32 count, its bf16-autocast count and their ratio."""
+    table = benchmark.ops_table({"full": 100, "lora": 80}, {"full": 110, "lora": 84})
+    header, _, lora = table.splitlines()[:3]
+    assert header.split()[:5] == ["method", "ops/step", "×full", "bf16", "×fp32"]
+    assert lora.split()[:5] == ["lora", "80", "0.80", "84", "1.05"] and "bf16 autocast" in table
+    linear = benchmark.count_step_ops("linear")
+    assert benchmark.count_step_ops("linear", precision="bf16") > linear  # autocast casts: counted
+    with pytest.raises(ValueError, match="precision='fp16': choose fp32 or bf16"):
+        benchmark.count_step_ops("linear", precision="fp16")

@@ -47,10 +47,32 @@ def init(device_pref: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def wrap(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """``module`` under DDP when there are several processes. Buffers are not re-sent every
+    forward (``forward_sync_buffers=False``, torch's successor of ``broadcast_buffers=False``;
+    DDP still syncs them once at wrapping): the methods' buffers are constants (one-hot and row
+    indices, VeRA's frozen A and B), so a per-forward broadcast is a collective for nothing.
+    Gradients are views into DDP's buckets, not copies (``gradient_as_bucket_view``)."""
+    if not d.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+        forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def rank0_decides(flag: bool, d: Dist) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision by a clock, which ranks do not share)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def barrier(d: Dist) -> None:
