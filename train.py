@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from peft_vit.config import check_argv
+from peft_vit.fingerprint import register_resolvers
 from peft_vit.record import RunContext
 
 
@@ -20,6 +21,9 @@ def hydra_context() -> RunContext:
     sweep = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     return RunContext(Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment"), sweep,
                       tuple(hc.overrides.task))
+
+
+register_resolvers()  # ${peft_vit.fingerprint:} in hydra.run.dir
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

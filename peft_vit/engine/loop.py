@@ -227,8 +227,20 @@ def stop_here(r: Run, stop: StopSignal, epoch: int, step: int) -> None:
     """The one answer to a stop signal: checkpoint at (``epoch``, ``step``), then hand the signal
     on (submitit requeues on SIGUSR2; anything else exits with 128 + signum)."""
     save_checkpoint(r, epoch, step)
-    print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step}")
+    if r.d.is_main:
+        print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step} in {r.out_dir}; "
+              f"the same command resumes it: {resume_command(r.context)}", flush=True)
     stop.forward()
+
+
+def resume_command(context: RunContext) -> str:
+    """The command that continues this run: train.py with the run's own overrides (its dir is a
+    function of its configuration, ``hydra.run.dir``)."""
+    import shlex
+
+    if context.sweep:
+        return f"the sweep's command (sweep {context.sweep}) re-runs only the jobs not done"
+    return " ".join(["python train.py", *map(shlex.quote, context.overrides)])
 
 
 # ---------------------------------------------------------------------------- training
