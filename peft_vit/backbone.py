@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 import timm
 import torch.nn as nn
 
+from .errors import PeftVitError, WeightsFileError
+
 HOW_TO_PASS_A_FILE = (
     "pass a local weight file with model.checkpoint=/path/to/weights "
     "(.safetensors, .pth or .npz, e.g. Google's ViT-B_16.npz for orig_in21k), "
@@ -32,8 +34,8 @@ HOW_TO_PASS_A_FILE = (
 )
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    pass
+class PretrainedWeightsUnavailable(PeftVitError, RuntimeError):
+    """No pretrained weights can be had (offline, not cached, no file given)."""
 
 
 def _hub_file(name: str):
@@ -81,10 +83,10 @@ def _pretrained_source(name: str) -> Optional[Dict[str, Any]]:
 def checkpoint_overlay(path: str) -> Dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
+        raise WeightsFileError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
     suffix = p.suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".npz"):
-        raise ValueError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
+        raise WeightsFileError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
     overlay: Dict[str, Any] = dict(file=str(p.resolve()))
     if suffix == ".npz":  # Google's original JAX checkpoints: the ViT's own npz loader
         overlay["custom_load"] = True
@@ -126,6 +128,18 @@ def _weights(name: str, checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
     """The ``pretrained_cfg_overlay`` of the weights to load: a local file, a cached hub file, or
     None (timm downloads from the hub)."""
     return checkpoint_overlay(checkpoint) if checkpoint else _pretrained_source(name)
+
+
+def weights_problem(name: str, pretrained: bool = True, checkpoint: Optional[str] = None, **_) -> Optional[str]:
+    """Why the weights a model config asks for cannot be had (the error's message), or None; in
+    seconds, without building the model (the loop asks when the data is missing too, to name both)."""
+    if not (pretrained or checkpoint):
+        return None
+    try:
+        _weights(name, checkpoint)
+    except (PretrainedWeightsUnavailable, WeightsFileError) as e:
+        return str(e)
+    return None
 
 
 @contextmanager

@@ -62,3 +62,35 @@ def test_ctrl_c_names_the_dir_and_the_command_that_resumes(tmp_path):
     again = cli(*args)
     assert again.returncode == 0 and f"resumed from {d / 'checkpoint.pt'}" in again.stdout, again.stdout
     assert (d / "results.json").exists() and run_dirs(tmp_path) == [d]
+
+
+def one_line_error(r, kind: str) -> str:
+    """The known error's line: exit 1, no traceback, ``[peft-vit] <kind>: ...`` and the switch."""
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "HYDRA_FULL_ERROR" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == "(the full trace: PEFT_VIT_TRACEBACK=1 python train.py ...)", lines
+    [first] = [ln for ln in lines if ln.startswith("[peft-vit] ")]
+    assert first.startswith(f"[peft-vit] {kind}: "), first
+    return r.stderr
+
+
+def test_without_data_and_weights_one_message_names_both_and_leaves_no_run_dir(tmp_path):
+    missing = tmp_path / "ViT-B_16.safetensors"
+    r = cli("dataset=vtab/cifar", f"dataset.root={tmp_path / 'vtab'}", f"model.checkpoint={missing}",
+            "logger=none", f"paths.output_root={tmp_path / 'out'}")
+    err = one_line_error(r, "DataMissingError")
+    assert "VTAB-1k task 'cifar': no folder with train800val200.txt" in err and "prepare_vtab.py cifar" in err
+    assert f"The weights are missing too: model.checkpoint file not found: {missing}" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    traced = cli("dataset=vtab/cifar", f"dataset.root={tmp_path / 'vtab'}", f"model.checkpoint={missing}",
+                 "logger=none", f"paths.output_root={tmp_path / 'out'}", env={"PEFT_VIT_TRACEBACK": "1"})
+    assert traced.returncode == 1 and "Traceback" in traced.stderr and "DataMissingError" in traced.stderr
+
+
+def test_train_log_holds_what_the_terminal_showed(tmp_path):
+    r = cli(*TINY, "trainer.epochs=2", "trainer.eval_every=1", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "train.log").read_text()
+    shown = [ln for ln in r.stdout.splitlines() if ln.startswith("[peft-vit]")]
+    assert len(shown) == 4 and all(ln in log for ln in shown), (shown, log)  # header, 2 evaluations, final

@@ -29,13 +29,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import DataError, DataMissingError, PeftVitError
 from .transforms import Normalize, to_rgb, to_uint8_tensor
 
 SPLIT_FILES = ("train800", "val200", "train800val200", "test")
 CACHE_VERSION = 2  # bump when decoding, resizing or the file format changes
 
 
-class BadImageError(OSError):
+class BadImageError(PeftVitError, OSError):
     """An image that exists but cannot be decoded."""
 
 
@@ -70,7 +71,7 @@ class Listing:
         missing = [i for i, p in enumerate(self.paths) if not os.path.isfile(p)]
         if missing:
             eg = "; ".join(f"{self.paths[i]} (listed at {self.where(i)})" for i in missing[:show])
-            raise FileNotFoundError(f"{len(missing)} of {len(self)} listed images are missing, e.g. {eg}")
+            raise DataMissingError(f"{len(missing)} of {len(self)} listed images are missing, e.g. {eg}")
 
 
 @dataclass
@@ -90,7 +91,7 @@ def read_list(path: Path, num_classes: int, base: Optional[Path] = None) -> List
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
+        raise DataMissingError(f"list file not found: {path}")
     paths, labels, lines = [], [], []
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, 1):
@@ -99,20 +100,20 @@ def read_list(path: Path, num_classes: int, base: Optional[Path] = None) -> List
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected '<image path> <label>', got {line!r}")
+                raise DataError(f"{path}:{n}: expected '<image path> <label>', got {line!r}")
             rel, lab = parts
             try:
                 label = int(lab)
             except ValueError:
-                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer (line {line!r})") from None
+                raise DataError(f"{path}:{n}: label {lab!r} is not an integer (line {line!r})") from None
             if not 0 <= label < num_classes:
-                raise ValueError(f"{path}:{n}: label {label} outside [0, {num_classes}) (line {line!r}); "
+                raise DataError(f"{path}:{n}: label {label} outside [0, {num_classes}) (line {line!r}); "
                                  f"is dataset.num_classes right for this folder?")
             paths.append(os.path.join(base, rel))
             labels.append(label)
             lines.append(n)
     if not paths:
-        raise ValueError(f"{path} lists no images")
+        raise DataError(f"{path} lists no images")
     return Listing(paths, labels, str(path), lines)
 
 
@@ -145,7 +146,7 @@ def load_image(path: str, where: str = "") -> Image.Image:
             im.load()
             return to_rgb(im)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}{at}") from None
+        raise DataMissingError(f"image not found: {path}{at}") from None
     except Exception as e:  # PIL raises a zoo of types (UnidentifiedImageError, OSError, SyntaxError...)
         raise BadImageError(f"cannot decode image {path}{at}: {type(e).__name__}: {e}") from e
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import build_model, count_parameters
 from ..data import build_datasets
 from ..data.loader import EvalBatches, TrainBatches
+from ..errors import ConfigValueError, DataMissingError, NonFiniteLossError
 from ..fingerprint import fingerprint, result_config
 from ..record import RESULTS, WEIGHTS, RunContext, RunRecord, atomic_file
 from . import checkpoint, distributed, rundir
@@ -78,7 +79,7 @@ def compile_enabled(value, device: torch.device) -> bool:
         return device.type == "cuda"
     if isinstance(value, bool):
         return value
-    raise ValueError(f"trainer.compile={value!r}: choose auto (torch.compile on CUDA only), true or false")
+    raise ConfigValueError(f"trainer.compile={value!r}: choose auto (torch.compile on CUDA only), true or false")
 
 
 def compile_seconds() -> float:
@@ -153,11 +154,11 @@ def set_up(r: Run) -> None:
     torch.manual_seed(cfg.seed)
     r.amp = _precision(tcfg.precision, d.device)
 
+    r.data = data_first(cfg)  # everything about the data is checked before the model is built
     r.model = model = build_model(cfg).to(d.device)
     r.method = getattr(model, "peft_method", None)
     r.counts = count_parameters(model)
 
-    r.data = build_datasets(cfg)
     # decoded (in-memory) sets: on the device, no workers; others: DataLoader workers. Batches are
     # functions of (seed, epoch, position) either way (peft_vit.data.loader)
     workers = dict(num_workers=tcfg.num_workers, worker_init_fn=ignore_stop_signals_in_worker)  # main handles signals
@@ -180,6 +181,20 @@ def set_up(r: Run) -> None:
     r.compile_s0 = compile_seconds()
     if r.compiled:
         r.net = torch.compile(r.net)
+
+
+def data_first(cfg: DictConfig):
+    """The run's datasets, read and checked before the model is built or its weights are read. When
+    the data is missing and the weights cannot be had either, one error names both."""
+    from ..backbone import weights_problem
+
+    try:
+        return build_datasets(cfg)
+    except DataMissingError as e:
+        weights = weights_problem(**OmegaConf.to_container(cfg.model, resolve=True))
+        if weights is None:
+            raise
+        raise DataMissingError(f"{e}\nThe weights are missing too: {weights}") from e
 
 
 def start_logging(r: Run) -> None:
@@ -316,7 +331,7 @@ def train_epoch(r: Run, epoch: int, first: int, stop: StopSignal, bar) -> None:
 def log_loss(r: Run, loss: torch.Tensor, epoch: int, step: int, gstep: int, bar) -> None:
     loss_value = loss.item() / r.d.world_size
     if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
+        raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
     lr_now = r.optimizer.param_groups[0]["lr"]
     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}",
                     refresh=False)  # shown with the next (rate-limited) update

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigValueError
+
 
 def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over trainable parameters in two groups, not decayed and decayed by ``weight_decay``.
@@ -24,7 +26,7 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim
     if ocfg.name == "sgd":  # VPT's optimiser (configs/optim/sgd_cosine.yaml)
         return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum, fused=device.type == "cuda")
     if ocfg.name != "adamw":
-        raise ValueError(f"optim.name={ocfg.name!r}: choose adamw (configs/optim/adamw_cosine.yaml) or sgd "
+        raise ConfigValueError(f"optim.name={ocfg.name!r}: choose adamw (configs/optim/adamw_cosine.yaml) or sgd "
                          f"(configs/optim/sgd_cosine.yaml)")
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
                              fused=device.type == "cuda")
@@ -45,16 +47,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, epochs: int, steps_p
 
     lr_step = ocfg.get("lr_step", "iteration")
     if lr_step not in ("iteration", "epoch"):
-        raise ValueError(f"optim.lr_step={lr_step!r}: choose iteration or epoch")
+        raise ConfigValueError(f"optim.lr_step={lr_step!r}: choose iteration or epoch")
 
     cosine_epochs = epochs - ocfg.get("cooldown_epochs", 0)
     if cosine_epochs <= 0:
-        raise ValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
+        raise ConfigValueError(f"optim.cooldown_epochs={ocfg.cooldown_epochs} leaves no epochs of trainer.epochs={epochs}")
     cycle, cycles = cosine_epochs, 1
     if ocfg.get("restart_epochs") is not None:  # 0 is an error, not "no restarts"
         cycle = ocfg.restart_epochs
         if not 0 < cycle <= cosine_epochs:
-            raise ValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
+            raise ConfigValueError(f"optim.restart_epochs={cycle} must be in (0, {cosine_epochs}] (trainer.epochs "
                              f"minus optim.cooldown_epochs), or null for one cosine")
         cycles = math.ceil(cosine_epochs / cycle)
     return (PerEpoch if lr_step == "epoch" else CosineLRScheduler)(
