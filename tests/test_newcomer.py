@@ -94,3 +94,23 @@ def test_train_log_holds_what_the_terminal_showed(tmp_path):
     log = (tmp_path / "train.log").read_text()
     shown = [ln for ln in r.stdout.splitlines() if ln.startswith("[peft-vit]")]
     assert len(shown) == 4 and all(ln in log for ln in shown), (shown, log)  # header, 2 evaluations, final
+
+
+@pytest.mark.parametrize("arg, line", [
+    ("trainer.epochs=0", "trainer.epochs=0: must be a whole number of epochs >= 1"),
+    ("optim.lr=-1e-3", "optim.lr=-0.001: must be a learning rate > 0"),
+])
+def test_a_bad_value_is_named_by_its_key(tmp_path, arg, line):
+    r = cli(*TINY, arg, f"paths.output_root={tmp_path}")
+    err = one_line_error(r, "ConfigValueError")
+    assert f"[peft-vit] ConfigValueError: {line}" in err
+    assert not any(tmp_path.iterdir())  # nothing left behind
+
+
+def test_a_misspelled_method_key_names_the_closest_one_and_never_suggests_plus(tmp_path):
+    r = cli(*TINY, "method=lora", "method.rnak=4", f"paths.output_root={tmp_path}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("[peft-vit] unknown key: method.rnak=4: method (lora) has no key 'rnak'; did you mean "
+                                "method.rank? its keys: name, rank, alpha, dropout, targets, init "
+                                "(python train.py --cfg job prints the composed config)"), r.stderr
+    assert "+" not in r.stderr

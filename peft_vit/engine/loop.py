@@ -43,7 +43,7 @@ from ..fingerprint import fingerprint, result_config
 from ..record import RESULTS, WEIGHTS, RunContext, RunRecord, atomic_file
 from . import checkpoint, distributed, rundir
 from .logger import RunLogger, git_commit, versions
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_values
 from .signals import StopSignal, ignore_stop_signals_in_worker
 
 log = logging.getLogger("peft_vit")
@@ -150,6 +150,7 @@ def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> 
 def set_up(r: Run) -> None:
     """Device, model, data, optimiser and scheduler; the module that trains (DDP, compiled)."""
     cfg, tcfg = r.cfg, r.tcfg
+    check_values(cfg)  # values named by their key, before anything is read or built
     r.d = d = distributed.init(tcfg.device)
     torch.manual_seed(cfg.seed)
     r.amp = _precision(tcfg.precision, d.device)
