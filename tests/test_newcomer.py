@@ -114,3 +114,17 @@ def test_a_misspelled_method_key_names_the_closest_one_and_never_suggests_plus(t
                                 "method.rank? its keys: name, rank, alpha, dropout, targets, init "
                                 "(python train.py --cfg job prints the composed config)"), r.stderr
     assert "+" not in r.stderr
+
+
+@pytest.mark.parametrize("name, content, detected", [
+    ("ViT-B_16.safetensors", b"<html><body>404 Not Found</body></html>\n", "a text file"),
+    ("ViT-B_16.pth", bytes(range(7, 256)) * 16, "not a format this project reads"),
+])
+def test_an_unreadable_weights_file_names_its_path_format_and_the_formats_that_work(tmp_path, name, content,
+                                                                                  detected):
+    f = tmp_path / name
+    f.write_bytes(content)
+    r = cli(*TINY, f"model.checkpoint={f}", f"paths.output_root={tmp_path / 'out'}")
+    err = one_line_error(r, "WeightsFileError")
+    assert f"model.checkpoint {f} cannot be loaded (" in err and f"the file is {detected}" in err, err
+    assert "Formats that work: .safetensors (safetensors), .pth / .pt / .bin (torch.save of a state dict), .npz" in err
