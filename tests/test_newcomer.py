@@ -128,3 +128,21 @@ def test_an_unreadable_weights_file_names_its_path_format_and_the_formats_that_w
     err = one_line_error(r, "WeightsFileError")
     assert f"model.checkpoint {f} cannot be loaded (" in err and f"the file is {detected}" in err, err
     assert "Formats that work: .safetensors (safetensors), .pth / .pt / .bin (torch.save of a state dict), .npz" in err
+
+
+def test_every_bad_image_of_a_list_in_one_message_with_its_line_and_the_fix(tmp_path):
+    from test_sweep_local import make_vtab
+
+    root = make_vtab(tmp_path / "vtab", tasks={"cifar": 100}, n_train=20, n_test=8)
+    corrupt = root / "cifar" / "images" / "train800" / "000002.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    empty = root / "cifar" / "images" / "val200" / "000001.jpg"
+    empty.write_bytes(b"")
+    r = cli(*TINY, "dataset=vtab/cifar", f"dataset.root={root}", "dataset.cache_dir=null",
+            f"paths.output_root={tmp_path / 'out'}")
+    err = one_line_error(r, "BadImageError")
+    listed = root / "cifar" / "train800val200.txt"
+    assert f"2 of 20 images of {listed} cannot be decoded; replace or re-download them" in err, err
+    assert f"cannot decode image {corrupt} (listed at {listed}:3)" in err
+    assert f"cannot decode image {empty} (listed at {listed}:18) (an empty file)" in err
+    assert "scripts/verify_data.py" in err
