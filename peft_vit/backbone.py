@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import timm
 import torch.nn as nn
 
-from .errors import PeftVitError, WeightsFileError
+from .errors import ConfigValueError, PeftVitError, WeightsFileError, WeightsNotFoundError
 
 HOW_TO_PASS_A_FILE = (
     "pass a local weight file with model.checkpoint=/path/to/weights "
@@ -83,10 +83,10 @@ def _pretrained_source(name: str) -> Optional[Dict[str, Any]]:
 def checkpoint_overlay(path: str) -> Dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise WeightsFileError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
+        raise WeightsNotFoundError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
     suffix = p.suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".npz"):
-        raise WeightsFileError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
+        raise ConfigValueError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
     overlay: Dict[str, Any] = dict(file=str(p.resolve()))
     if suffix == ".npz":  # Google's original JAX checkpoints: the ViT's own npz loader
         overlay["custom_load"] = True

@@ -28,5 +28,9 @@ class WeightsFileError(PeftVitError, OSError):
     """A weights file that is missing or cannot be read as any format that works."""
 
 
+class WeightsNotFoundError(WeightsFileError, FileNotFoundError):
+    """``model.checkpoint`` names no file."""
+
+
 class NonFiniteLossError(PeftVitError, FloatingPointError):
     """The training loss became NaN or infinite."""
