@@ -146,3 +146,19 @@ def test_every_bad_image_of_a_list_in_one_message_with_its_line_and_the_fix(tmp_
     assert f"cannot decode image {corrupt} (listed at {listed}:3)" in err
     assert f"cannot decode image {empty} (listed at {listed}:18) (an empty file)" in err
     assert "scripts/verify_data.py" in err
+
+
+def test_verify_data_decode_reports_every_bad_image_with_its_line(tmp_path):
+    from test_sweep_local import make_vtab
+
+    root = make_vtab(tmp_path / "vtab", tasks={"cifar": 100}, n_train=20, n_test=8)
+    corrupt = root / "cifar" / "images" / "train800" / "000002.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    empty = root / "cifar" / "images" / "test" / "000005.jpg"
+    empty.write_bytes(b"")
+    r = subprocess.run([sys.executable, "scripts/verify_data.py", "cifar", "--no-fgvc", "--decode",
+                        "--vtab-root", str(root)], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 image(s) cannot be decoded; replace or re-download them, or remove their lines from the list" in r.stdout
+    assert f"cannot decode image {corrupt} (listed at {root / 'cifar' / 'train800val200.txt'}:3)" in r.stdout
+    assert f"cannot decode image {empty} (listed at {root / 'cifar' / 'test.txt'}:6) (an empty file)" in r.stdout
