@@ -162,3 +162,17 @@ def test_verify_data_decode_reports_every_bad_image_with_its_line(tmp_path):
     assert "2 image(s) cannot be decoded; replace or re-download them, or remove their lines from the list" in r.stdout
     assert f"cannot decode image {corrupt} (listed at {root / 'cifar' / 'train800val200.txt'}:3)" in r.stdout
     assert f"cannot decode image {empty} (listed at {root / 'cifar' / 'test.txt'}:6) (an empty file)" in r.stdout
+
+
+def test_the_table_names_the_real_backbone_and_counts_the_seeds(tmp_path):
+    for seed in (0, 1):
+        r = cli(*TINY, "trainer.epochs=1", f"seed={seed}", "trainer.save_weights=false",
+                f"paths.output_root={tmp_path}")
+        assert r.returncode == 0, r.stderr[-2000:]
+    t = subprocess.run([sys.executable, "scripts/make_table.py", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
+                        "--print"], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert "## demo — vit_tiny_patch16_224, top-1 accuracy (%)" in t.stdout.splitlines()
+    rows = [ln for ln in t.stdout.splitlines() if ln.startswith("| linear ")]  # last epoch, best over epochs
+    assert rows and all(row.endswith("| 2 |") for row in rows), rows  # two seeds (the CSV keeps their ids)
+    assert "0,1" in (tmp_path / "rep" / "demo.csv").read_text()
