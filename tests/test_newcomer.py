@@ -176,3 +176,16 @@ def test_the_table_names_the_real_backbone_and_counts_the_seeds(tmp_path):
     rows = [ln for ln in t.stdout.splitlines() if ln.startswith("| linear ")]  # last epoch, best over epochs
     assert rows and all(row.endswith("| 2 |") for row in rows), rows  # two seeds (the CSV keeps their ids)
     assert "0,1" in (tmp_path / "rep" / "demo.csv").read_text()
+
+
+@pytest.mark.slow
+def test_a_local_sweep_prints_each_jobs_accuracy_and_leaves_no_stray_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = cli("-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=0", "hydra.launcher.array_parallelism=2",
+            *TINY, "method=linear,full", "trainer.epochs=1", f"hydra.sweep.dir={sweep}", timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "2 of 2 jobs completed" in out
+    for m in ("linear", "full"):
+        assert re.search(rf"#\d : .*method={m}.*: test_acc \d+\.\d\d% -> {re.escape(str(sweep))}/\S+/results\.json", out), out
+    assert not (sweep / ".submitit" / "%j").exists()
