@@ -86,6 +86,19 @@ def judge(has_result: bool, answered: bool, state: Optional[str], gone_since: Op
     return ("lost" if now - gone_since >= lost_after_s else "alive"), gone_since
 
 
+def job_outcome(job_dir: Optional[str]) -> str:
+    """A finished job's line: its accuracy (the record's test_acc or val_acc) and its record's path."""
+    import json
+
+    path = Path(job_dir or ".") / "results.json"
+    try:
+        rec = json.loads(path.read_text())
+        key = "test_acc" if "test_acc" in rec else "val_acc"
+        return f"{key} {rec[key]:.2f}% -> {path}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"done, no readable record at {path}"
+
+
 # ---------------------------------------------------- launchers
 @dataclasses.dataclass
 class _Slot:
@@ -121,6 +134,15 @@ class _Bounded:
             self._skip_done(s)
         self._wait(slots, self._prepare(slots) if any(s.result is None for s in slots) else None)
         failed = [s for s in slots if s.result.status != JobStatus.COMPLETED]  # type: ignore[union-attr]
+        for s in slots:
+            if s not in failed:
+                hc = s.result.hydra_cfg  # type: ignore[union-attr]  # a job's; None for a skipped one
+                job_dir = OmegaConf.select(hc, "hydra.runtime.output_dir") if hc else s.result.working_dir  # type: ignore
+                log.info(f"\t{s}: {job_outcome(job_dir)}")
+        try:  # submitit's folder template, made once with its %j unfilled and left empty
+            (Path(str(self.config.hydra.sweep.dir)) / ".submitit" / "%j").rmdir()  # type: ignore[attr-defined]
+        except OSError:
+            pass
         log.log(logging.ERROR if failed else logging.INFO, f"{len(slots) - len(failed)} of {len(slots)} jobs completed"
                 + "".join(f"\n\t{s}: {(str(s.result._return_value).splitlines() or ['?'])[0][:240]}" for s in failed))
         return [s.result for s in slots]  # type: ignore[misc]

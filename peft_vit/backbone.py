@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 import timm
 import torch.nn as nn
 
+from .errors import ConfigValueError, PeftVitError, WeightsFileError, WeightsNotFoundError
+
 HOW_TO_PASS_A_FILE = (
     "pass a local weight file with model.checkpoint=/path/to/weights "
     "(.safetensors, .pth or .npz, e.g. Google's ViT-B_16.npz for orig_in21k), "
@@ -32,8 +34,8 @@ HOW_TO_PASS_A_FILE = (
 )
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    pass
+class PretrainedWeightsUnavailable(PeftVitError, RuntimeError):
+    """No pretrained weights can be had (offline, not cached, no file given)."""
 
 
 def _hub_file(name: str):
@@ -81,10 +83,10 @@ def _pretrained_source(name: str) -> Optional[Dict[str, Any]]:
 def checkpoint_overlay(path: str) -> Dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
+        raise WeightsNotFoundError(f"model.checkpoint file not found: {p} ({HOW_TO_PASS_A_FILE})")
     suffix = p.suffix.lower()
     if suffix not in (".safetensors", ".pth", ".pt", ".bin", ".npz"):
-        raise ValueError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
+        raise ConfigValueError(f"model.checkpoint {p}: unsupported format {suffix!r}; use .safetensors, .pth or .npz")
     overlay: Dict[str, Any] = dict(file=str(p.resolve()))
     if suffix == ".npz":  # Google's original JAX checkpoints: the ViT's own npz loader
         overlay["custom_load"] = True
@@ -128,14 +130,75 @@ def _weights(name: str, checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
     return checkpoint_overlay(checkpoint) if checkpoint else _pretrained_source(name)
 
 
+def weights_problem(name: str, pretrained: bool = True, checkpoint: Optional[str] = None, **_) -> Optional[str]:
+    """Why the weights a model config asks for cannot be had (the error's message), or None; in
+    seconds, without building the model (the loop asks when the data is missing too, to name both)."""
+    if not (pretrained or checkpoint):
+        return None
+    try:
+        _weights(name, checkpoint)
+    except (PretrainedWeightsUnavailable, WeightsFileError) as e:
+        return str(e)
+    return None
+
+
+WORKING_FORMATS = (".safetensors (safetensors), .pth / .pt / .bin (torch.save of a state dict), "
+                   ".npz (Google's JAX ViT checkpoints, e.g. ViT-B_16.npz)")
+
+
+def detect_format(path: Path) -> str:
+    """What a weights file is by its first bytes, whatever its suffix."""
+    import json
+    import struct
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = os.path.getsize(path)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile:
+            return "a damaged zip archive"
+        if any(n.endswith("data.pkl") for n in names):
+            return "a torch.save zip archive"
+        if names and all(n.endswith(".npy") for n in names):
+            return "a numpy .npz archive"
+        return f"a zip archive of {len(names)} files, not weights"
+    if head[:1] == b"\x80":
+        return "a pickle (legacy torch.save)"
+    if len(head) >= 9:
+        n = struct.unpack("<Q", head[:8])[0]
+        if head[8:9] == b"{" and n <= size - 8:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(8)
+                    json.loads(f.read(n))
+                return "a safetensors file"
+            except ValueError:
+                return "a damaged safetensors file (its header is not JSON)"
+    if head.lstrip()[:1] in (b"<", b"{") or all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file (an HTML page or an error message saved in its place?)"
+    return "not a format this project reads"
+
+
 @contextmanager
 def _hub_errors(name: str, checkpoint: Optional[str]):
-    """A failed hub download becomes PretrainedWeightsUnavailable, naming the fix; errors loading a
-    local ``checkpoint`` pass as they are."""
+    """A failed hub download becomes PretrainedWeightsUnavailable, naming the fix; a local
+    ``checkpoint`` that cannot be loaded is a :class:`WeightsFileError` naming its path, its format
+    as detected and the formats that work."""
     try:
         yield
-    except (OSError, RuntimeError, ValueError) as e:
-        if checkpoint or not any(w in str(e).lower() for w in ("offline", "connection", "hub")):
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load and numpy each raise their own kinds
+        if checkpoint:
+            p = Path(checkpoint).expanduser()
+            raise WeightsFileError(f"model.checkpoint {p} cannot be loaded ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}); the file is {detect_format(p)}. "
+                                   f"Formats that work: {WORKING_FORMATS}") from e
+        if not isinstance(e, (OSError, RuntimeError, ValueError)) or \
+                not any(w in str(e).lower() for w in ("offline", "connection", "hub")):
             raise
         raise PretrainedWeightsUnavailable(f"could not load pretrained weights for {name!r} "
                                            f"({type(e).__name__}: {e}); {HOW_TO_PASS_A_FILE}") from e

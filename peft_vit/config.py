@@ -86,7 +86,45 @@ def unknown_choice(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> Option
     return None
 
 
+def unknown_key(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> Optional[str]:
+    """A ``group.key=value`` override whose key the composed group lacks (``method.rnak=4``): one line
+    naming the closest valid keys (difflib). Hydra would suggest ``+method.rnak=4``, which adds a key
+    the method's constructor then refuses. None when every key exists, for a multirun, or when the
+    config does not compose (Hydra reports that itself)."""
+    import difflib
+
+    dotted = [a for a in argv if "=" in a and not a.startswith(("+", "~", "-", "hydra"))
+              and "." in a.partition("=")[0] and a.partition("=")[0].split(".")[0] in GROUPS]
+    if not dotted or any(a in ("-m", "--multirun") for a in argv):
+        return None
+    choices = [a for a in argv if "=" in a and not a.startswith(("-", "hydra", "~")) and "." not in a.partition("=")[0]]
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            cfg = compose("config", overrides=choices)
+    except Exception:  # noqa: BLE001 - Hydra names the problem when train.py composes
+        return None
+    for arg in dotted:
+        key = arg.partition("=")[0]
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None)
+        if not OmegaConf.is_dict(node) or leaf in node:
+            continue
+        close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1, cutoff=0.5)
+        owner = f"{parent} ({node.name})" if "name" in node and parent in ("method", "optim") else parent
+        hint = f"did you mean {' or '.join(f'{parent}.{c}' for c in close)}? " if close else ""
+        return (f"{arg}: {owner} has no key {leaf!r}; {hint}its keys: {', '.join(map(str, node))} "
+                f"(python train.py --cfg job prints the composed config)")
+    return None
+
+
 def check_argv(argv: Sequence[str] = tuple(sys.argv[1:])) -> None:
+    key = unknown_key(argv)
+    if key:
+        print(f"[peft-vit] unknown key: {key}", file=sys.stderr)
+        raise SystemExit(1)
     msg = unknown_choice(argv)
     if msg:
         print(f"In 'config': {msg}", file=sys.stderr)

@@ -77,3 +77,25 @@ def config_diff(old: Dict[str, Any], new: Dict[str, Any], limit: int = 8) -> Lis
     if len(keys) > limit:
         lines.append(f"... and {len(keys) - limit} more")
     return lines
+
+
+def run_fingerprint(*, _root_) -> str:
+    """OmegaConf resolver ``${peft_vit.fingerprint:}``: the fingerprint of the config it sits in
+    (``hydra.run.dir`` names a single run's dir by it, so the same command, however its keys are
+    spelled or ordered, and whatever its runtime keys, finds the same dir and resumes there). A
+    config that does not resolve (a preset's table without this task's row) gets ``unresolved``:
+    the run then stops with its own message (``config.recipe_gap``) and leaves no dir."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return fingerprint(result_config(_root_))[:8]
+    except OmegaConfBaseException:
+        return "unresolved"
+
+
+def register_resolvers() -> None:
+    """Register ``peft_vit.fingerprint`` with OmegaConf (``train.py`` does, before Hydra composes)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("peft_vit.fingerprint"):
+        OmegaConf.register_new_resolver("peft_vit.fingerprint", run_fingerprint)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .errors import PeftVitError
+
 RESULTS = "results.json"  # a run's record, in its output dir
 WEIGHTS = "trainable.safetensors"  # its trained parameters (trainer.save_weights), beside the record
 ACCURACY = {"final": "test_acc", "tune": "val_acc"}  # the accuracy a record of each protocol holds
@@ -28,7 +30,7 @@ class RunContext:
     overrides: Tuple[str, ...] = ()   # the command-line overrides
 
 
-class RecordError(ValueError):
+class RecordError(PeftVitError, ValueError):
     """A results.json that cannot be read (``unreadable``) or is not a valid record; the message
     names the file and every problem."""
 

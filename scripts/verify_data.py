@@ -6,6 +6,7 @@ against VPT's split sizes.
     python scripts/verify_data.py                         # roots from $PEFT_VIT_DATA or ./datasets
     python scripts/verify_data.py --vtab-root /data/vtab-1k --fgvc-root /data/fgvc
     python scripts/verify_data.py cifar dtd --no-fgvc     # some tasks only
+    python scripts/verify_data.py cifar --no-fgvc --decode   # also decode every image, naming each bad one
 
 Exit status 0 when everything asked for is complete.
 """
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from peft_vit.data import fgvc, vtab  # noqa: E402
+from peft_vit.data.folder import BAD_IMAGES_FIX, BadImageError, load_image, read_list  # noqa: E402
 
 DATA = Path(os.environ.get("PEFT_VIT_DATA", Path(__file__).resolve().parents[1] / "datasets"))
 
@@ -34,6 +36,22 @@ def _cell(row) -> str:
     return cell
 
 
+def undecodable(folder: Path, num_classes: int) -> list:
+    """Every image of a VTAB-1k task's lists (train800val200 and test hold them all) that cannot be
+    decoded, each message naming the file and its list line, in one pass."""
+    bad = []
+    for split in ("train800val200", "test"):
+        if not (folder / f"{split}.txt").is_file():
+            continue
+        listing = read_list(folder / f"{split}.txt", num_classes)
+        for i, path in enumerate(listing.paths):
+            try:
+                load_image(path, listing.where(i))
+            except (BadImageError, FileNotFoundError) as e:
+                bad.append(str(e))
+    return bad
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks", nargs="*", help="VTAB-1k tasks and/or FGVC datasets (default: all)")
@@ -42,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-vtab", action="store_true")
     p.add_argument("--no-fgvc", action="store_true")
     p.add_argument("--no-images", action="store_true", help="do not check that every listed image exists")
+    p.add_argument("--decode", action="store_true",
+                   help="VTAB-1k: decode every listed image and report each one that cannot be decoded, with its list line")
     args = p.parse_args(argv)
 
     names = [n.lower() for n in args.tasks]
@@ -70,6 +90,13 @@ def main(argv=None) -> int:
                 if row["error"]:
                     print(f"    {row['error']}")
             ok &= r["ok"]
+            bad = undecodable(r["folder"], t.num_classes) if args.decode and r["folder"] else []
+            if bad:
+                print(f"    {len(bad)} image(s) cannot be decoded; {BAD_IMAGES_FIX.split(';')[0]}:")
+                print("\n".join(f"      {b}" for b in bad))
+                ok = False
+            elif args.decode and r["folder"]:
+                print("    every listed image decodes")
         if missing:
             print(f"  missing tasks: NOAH's vtab-1k.zip, or python scripts/prepare_vtab.py {' '.join(missing)}")
     if fg and not args.no_fgvc:

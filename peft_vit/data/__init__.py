@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigValueError
+
 PROTOCOLS = {"tune": ("train800", "val200"), "final": ("train800val200", "test")}
 
 
@@ -79,7 +81,7 @@ def build_datasets(cfg) -> DataSplits:
     dcfg = cfg.dataset
     protocol = cfg.protocol
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise ConfigValueError(f"protocol={protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     source = dcfg.source
     if source not in SOURCES:
         _import_sources()
@@ -87,7 +89,7 @@ def build_datasets(cfg) -> DataSplits:
         raise KeyError(f"unknown dataset source {source!r}; known: {', '.join(sorted(SOURCES))}")
     splits = SOURCES[source](dcfg, protocol)
     if splits.num_classes != dcfg.num_classes:
-        raise ValueError(f"dataset.num_classes={dcfg.num_classes} but the data has {splits.num_classes} classes")
+        raise ConfigValueError(f"dataset.num_classes={dcfg.num_classes} but the data has {splits.num_classes} classes")
     return splits
 
 

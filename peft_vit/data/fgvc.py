@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
+from ..errors import DataMissingError
 from . import DataSplits, PROTOCOLS, register_benchmark, register_source
 from .folder import ImageList, Listing, decode_cached, resolve_folder
 from .memory import InMemoryImages
@@ -86,14 +87,14 @@ def dataset_folder(ds: FGVCSet, root, extra: Tuple[str, ...] = (), need: str = "
     root = Path(root).expanduser()
     folder, incomplete = resolve_folder(root, extra + ds.folders, need)
     if folder is None:
-        raise FileNotFoundError(missing_message(ds, root, need, incomplete))
+        raise DataMissingError(missing_message(ds, root, need, incomplete))
     return folder
 
 
 def read_split(folder: Path, split: str) -> Dict[str, object]:
     path = folder / f"{split}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"FGVC split file not found: {path}")
+        raise DataMissingError(f"FGVC split file not found: {path}")
     try:
         anno = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -153,7 +154,7 @@ def build(dcfg, protocol: str) -> DataSplits:
     for split in (train_split, eval_split):
         missing = [s for s in PROTOCOL_FILES[split] if s not in lists]
         if missing:
-            raise FileNotFoundError(f"FGVC split file not found: {folder / (missing[0] + '.json')} "
+            raise DataMissingError(f"FGVC split file not found: {folder / (missing[0] + '.json')} "
                                     f"(protocol {protocol} needs {'+'.join(PROTOCOL_FILES[split])})")
         listing = lists[PROTOCOL_FILES[split][0]]
         for s in PROTOCOL_FILES[split][1:]:

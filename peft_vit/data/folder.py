@@ -22,20 +22,21 @@ import socket
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import DataError, DataMissingError, PeftVitError
 from .transforms import Normalize, to_rgb, to_uint8_tensor
 
 SPLIT_FILES = ("train800", "val200", "train800val200", "test")
 CACHE_VERSION = 2  # bump when decoding, resizing or the file format changes
 
 
-class BadImageError(OSError):
+class BadImageError(PeftVitError, OSError):
     """An image that exists but cannot be decoded."""
 
 
@@ -70,7 +71,7 @@ class Listing:
         missing = [i for i, p in enumerate(self.paths) if not os.path.isfile(p)]
         if missing:
             eg = "; ".join(f"{self.paths[i]} (listed at {self.where(i)})" for i in missing[:show])
-            raise FileNotFoundError(f"{len(missing)} of {len(self)} listed images are missing, e.g. {eg}")
+            raise DataMissingError(f"{len(missing)} of {len(self)} listed images are missing, e.g. {eg}")
 
 
 @dataclass
@@ -90,7 +91,7 @@ def read_list(path: Path, num_classes: int, base: Optional[Path] = None) -> List
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
+        raise DataMissingError(f"list file not found: {path}")
     paths, labels, lines = [], [], []
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, 1):
@@ -99,20 +100,20 @@ def read_list(path: Path, num_classes: int, base: Optional[Path] = None) -> List
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected '<image path> <label>', got {line!r}")
+                raise DataError(f"{path}:{n}: expected '<image path> <label>', got {line!r}")
             rel, lab = parts
             try:
                 label = int(lab)
             except ValueError:
-                raise ValueError(f"{path}:{n}: label {lab!r} is not an integer (line {line!r})") from None
+                raise DataError(f"{path}:{n}: label {lab!r} is not an integer (line {line!r})") from None
             if not 0 <= label < num_classes:
-                raise ValueError(f"{path}:{n}: label {label} outside [0, {num_classes}) (line {line!r}); "
+                raise DataError(f"{path}:{n}: label {label} outside [0, {num_classes}) (line {line!r}); "
                                  f"is dataset.num_classes right for this folder?")
             paths.append(os.path.join(base, rel))
             labels.append(label)
             lines.append(n)
     if not paths:
-        raise ValueError(f"{path} lists no images")
+        raise DataError(f"{path} lists no images")
     return Listing(paths, labels, str(path), lines)
 
 
@@ -145,9 +146,10 @@ def load_image(path: str, where: str = "") -> Image.Image:
             im.load()
             return to_rgb(im)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}{at}") from None
+        raise DataMissingError(f"image not found: {path}{at}") from None
     except Exception as e:  # PIL raises a zoo of types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise BadImageError(f"cannot decode image {path}{at}: {type(e).__name__}: {e}") from e
+        empty = " (an empty file)" if os.path.isfile(path) and os.path.getsize(path) == 0 else ""
+        raise BadImageError(f"cannot decode image {path}{at}{empty}: {type(e).__name__}: {e}") from e
 
 
 class ImageList(Dataset):
@@ -187,18 +189,33 @@ def _init_worker(listing: Listing, transform: Callable) -> None:
     _JOB = (listing, transform)
 
 
-def _decode_range(span) -> np.ndarray:
+def _decode_range(span) -> Tuple[np.ndarray, List[str]]:
+    """Images ``lo..hi``, and the messages of those that cannot be decoded (their slots stay empty)."""
     listing, transform = _JOB
     lo, hi, shape = span
-    out = np.empty((hi - lo,) + shape, dtype=np.uint8)
+    out, bad = np.empty((hi - lo,) + shape, dtype=np.uint8), []
     for k, i in enumerate(range(lo, hi)):
-        a = decode_one(listing, transform, i)
+        try:
+            a = decode_one(listing, transform, i)
+        except BadImageError as e:
+            bad.append(str(e))
+            continue
         if a.shape != shape:
             raise ValueError(f"image {listing.paths[i]} (listed at {listing.where(i)}) is {a.shape} after "
                              f"{transform!r}, the first image of {listing.source} is {shape}: every image of a "
                              f"list must have the same size after the transform")
         out[k] = a
-    return out
+    return out, bad
+
+
+BAD_IMAGES_FIX = ("replace or re-download them, or remove their lines from the list; "
+                  "python scripts/verify_data.py <benchmark> --decode checks every image without training")
+
+
+def bad_images_error(listing: Listing, bad: List[str]) -> BadImageError:
+    """One error for every image of ``listing`` that cannot be decoded, each with its list line."""
+    return BadImageError(f"{len(bad)} of {len(listing)} images of {listing.source} cannot be decoded; "
+                         f"{BAD_IMAGES_FIX}:\n  " + "\n  ".join(bad))
 
 
 def decode_all(listing: Listing, transform: Callable, workers: Optional[int] = None,
@@ -207,22 +224,33 @@ def decode_all(listing: Listing, transform: Callable, workers: Optional[int] = N
     (e.g. a memory-mapped file; default a new array). Large lists are decoded by a pool of
     processes, one per core (``workers``), in chunks."""
     n, workers = len(listing), workers or decode_workers()
-    first = decode_one(listing, transform, 0)
+    bad: List[str] = []
+    for start in range(n):  # the first image that decodes sets the shape
+        try:
+            first = decode_one(listing, transform, start)
+            break
+        except BadImageError as e:
+            bad.append(str(e))
+    else:
+        raise bad_images_error(listing, bad)
     shape = (n,) + first.shape
     arr = out(shape) if out else np.empty(shape, np.uint8)
-    arr[0] = first
+    arr[start] = first
     chunk = max(16, min(256, -(-n // (4 * workers))))
-    spans = [(lo, min(lo + chunk, n), first.shape) for lo in range(1, n, chunk)]
-    if workers > 1 and n > 64:
+    spans = [(lo, min(lo + chunk, n), first.shape) for lo in range(start + 1, n, chunk)]
+    if workers > 1 and n > 64 and spans:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with ProcessPoolExecutor(min(workers, len(spans)), mp_context=ctx, initializer=_init_worker,
                                  initargs=(listing, transform)) as pool:
-            for (lo, hi, _), block in zip(spans, pool.map(_decode_range, spans)):
-                arr[lo:hi] = block
+            for (lo, hi, _), (block, errors) in zip(spans, pool.map(_decode_range, spans)):
+                arr[lo:hi], bad = block, bad + errors
     else:
         _init_worker(listing, transform)
         for lo, hi, shape in spans:
-            arr[lo:hi] = _decode_range((lo, hi, shape))
+            arr[lo:hi], errors = _decode_range((lo, hi, shape))
+            bad += errors
+    if bad:  # every bad image of the list at once, each with its list line
+        raise bad_images_error(listing, bad)
     return arr
 
 

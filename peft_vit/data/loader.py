@@ -20,6 +20,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import ConfigValueError
 from . import SeededAugment
 from .memory import InMemoryImages
 from .transforms import flip_draws, flip_where
@@ -34,9 +35,9 @@ class GlobalBatchSampler(Sampler[List]):
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, drop_last: bool = True):
         if batch_size % world:
-            raise ValueError(f"trainer.batch_size={batch_size} is not divisible by {world} processes")
+            raise ConfigValueError(f"trainer.batch_size={batch_size} is not divisible by {world} processes")
         if drop_last and n < batch_size:
-            raise ValueError(f"{n} training images < trainer.batch_size={batch_size} with drop_last")
+            raise ConfigValueError(f"{n} training images < trainer.batch_size={batch_size} with drop_last")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.drop_last = drop_last
         self.epoch, self.start = 0, 0

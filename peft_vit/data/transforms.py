@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigValueError
+
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # NOAH, FacT, ARC
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # RLRR; Google's ViT preprocessing
@@ -30,7 +32,7 @@ FGVC_TRAIN_CROPS = ("random_resized", "resize_crop")
 
 def normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     if name not in NORMALIZATIONS:
-        raise ValueError(f"dataset.normalize={name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        raise ConfigValueError(f"dataset.normalize={name!r}; choose one of {', '.join(NORMALIZATIONS)}")
     return NORMALIZATIONS[name]
 
 
@@ -104,7 +106,7 @@ def _fgvc_resize(img_size: int, resize: str, mode):
 
     n = fgvc_resize_size(img_size)
     if resize not in FGVC_RESIZES:
-        raise ValueError(f"dataset.resize={resize!r}; choose one of {', '.join(FGVC_RESIZES)}")
+        raise ConfigValueError(f"dataset.resize={resize!r}; choose one of {', '.join(FGVC_RESIZES)}")
     return T.Resize(n if resize == "short_side" else (n, n), interpolation=mode)
 
 
@@ -122,7 +124,7 @@ def fgvc_train_transform(img_size: int, crop: str = "random_resized", interp: st
     elif crop == "resize_crop":
         ops = [_fgvc_resize(img_size, resize, mode), T.RandomCrop(img_size)]
     else:
-        raise ValueError(f"dataset.train_crop={crop!r}; choose one of {', '.join(FGVC_TRAIN_CROPS)}")
+        raise ConfigValueError(f"dataset.train_crop={crop!r}; choose one of {', '.join(FGVC_TRAIN_CROPS)}")
     return T.Compose(ops + ([T.RandomHorizontalFlip()] if flip else []))
 
 

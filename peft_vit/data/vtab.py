@@ -14,6 +14,7 @@ from typing import Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
+from ..errors import DataMissingError
 from . import DataSplits, PROTOCOLS, register_benchmark, register_source
 from .folder import ImageList, decode_cached, read_list, resolve_folder
 from .memory import InMemoryImages
@@ -231,12 +232,12 @@ def task_folder(task: Task, root, extra: Tuple[str, ...] = (), prepare: bool = F
             try:
                 prepare_task(task, root, data_dir=tfds_dir)
             except Exception as e:
-                raise FileNotFoundError(f"{missing_message(task, root, incomplete, need)}\n"
+                raise DataMissingError(f"{missing_message(task, root, incomplete, need)}\n"
                                         f"dataset.prepare_if_missing: preparing from tfds failed: "
                                         f"{type(e).__name__}: {e}") from e
             folder, incomplete = resolve_folder(root, extra + task.folders, need)
     if folder is None:
-        raise FileNotFoundError(missing_message(task, root, incomplete, need))
+        raise DataMissingError(missing_message(task, root, incomplete, need))
     return folder
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import PeftVitError
 from ..record import atomic_file
 
 
@@ -41,7 +42,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-class CheckpointUnreadable(RuntimeError):
+class CheckpointUnreadable(PeftVitError, RuntimeError):
     """The checkpoint file cannot be read (truncated, garbage, not a peft-vit checkpoint)."""
 
 

@@ -2,9 +2,44 @@
 package versions the record holds."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, TextIO
+
+
+class _Tee:
+    """A text stream that writes to the terminal's stream and to a log file."""
+
+    def __init__(self, stream: TextIO, log: TextIO):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ... are the terminal's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def terminal_to_log(path: Path) -> Iterator[TextIO]:
+    """Copy what the run prints on stdout (its header, evaluations, final line; tqdm's bar, on
+    stderr, is left out) into ``path`` (the run dir's train.log, appended to). Yields the log file,
+    for the error line the caller writes there."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        out, sys.stdout = sys.stdout, _Tee(sys.stdout, log)
+        try:
+            yield log
+        finally:
+            sys.stdout = out
 
 
 def git_commit() -> Optional[str]:

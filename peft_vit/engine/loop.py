@@ -39,11 +39,12 @@ from omegaconf import DictConfig, OmegaConf
 from .. import build_model, count_parameters
 from ..data import build_datasets
 from ..data.loader import EvalBatches, TrainBatches
+from ..errors import ConfigValueError, DataMissingError, NonFiniteLossError
 from ..fingerprint import fingerprint, result_config
 from ..record import RESULTS, WEIGHTS, RunContext, RunRecord, atomic_file
 from . import checkpoint, distributed, rundir
 from .logger import RunLogger, git_commit, versions
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_values
 from .signals import StopSignal, ignore_stop_signals_in_worker
 
 log = logging.getLogger("peft_vit")
@@ -80,7 +81,7 @@ def compile_enabled(value, device: torch.device) -> bool:
         return device.type == "cuda"
     if isinstance(value, bool):
         return value
-    raise ValueError(f"trainer.compile={value!r}: choose false (the default), true or auto (torch.compile on CUDA only)")
+    raise ConfigValueError(f"trainer.compile={value!r}: choose false (the default), true or auto (torch.compile on CUDA only)")
 
 
 def compile_seconds() -> float:
@@ -188,16 +189,17 @@ def _train(cfg: DictConfig, t_start: float, context: RunContext, result_cfg) -> 
 def set_up(r: Run) -> None:
     """Device, model, data, optimiser and scheduler; the module that trains (DDP, compiled)."""
     cfg, tcfg = r.cfg, r.tcfg
+    check_values(cfg)  # values named by their key, before anything is read or built
     r.d = d = distributed.init(tcfg.device)
     torch.manual_seed(cfg.seed)
     r.amp = _precision(tcfg.precision, d.device)
     checkpoint_every_s(tcfg)  # a bad value is an error before anything is built
 
+    r.data = data_first(cfg)  # everything about the data is checked before the model is built
     r.model = model = build_model(cfg).to(d.device)
     r.method = getattr(model, "peft_method", None)
     r.counts = count_parameters(model)
 
-    r.data = build_datasets(cfg)
     # decoded (in-memory) sets: on the device, no workers; others: DataLoader workers. Batches are
     # functions of (seed, epoch, position) either way (peft_vit.data.loader)
     workers = dict(num_workers=tcfg.num_workers, worker_init_fn=ignore_stop_signals_in_worker)  # main handles signals
@@ -221,6 +223,20 @@ def set_up(r: Run) -> None:
     if r.compiled:
         compile_cache(cfg.get("paths", {}).get("cache_dir"))
         r.net = compile_training(r.net)
+
+
+def data_first(cfg: DictConfig):
+    """The run's datasets, read and checked before the model is built or its weights are read. When
+    the data is missing and the weights cannot be had either, one error names both."""
+    from ..backbone import weights_problem
+
+    try:
+        return build_datasets(cfg)
+    except DataMissingError as e:
+        weights = weights_problem(**OmegaConf.to_container(cfg.model, resolve=True))
+        if weights is None:
+            raise
+        raise DataMissingError(f"{e}\nThe weights are missing too: {weights}") from e
 
 
 def start_logging(r: Run) -> None:
@@ -287,8 +303,20 @@ def stop_here(r: Run, stop: StopSignal, epoch: int, step: int) -> None:
     """The one answer to a stop signal: checkpoint at (``epoch``, ``step``), then hand the signal
     on (submitit requeues on SIGUSR2; anything else exits with 128 + signum)."""
     save_checkpoint(r, epoch, step)
-    print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step}")
+    if r.d.is_main:
+        print(f"[peft-vit] signal {stop.signum}: checkpoint saved at epoch {epoch}, step {step} in {r.out_dir}; "
+              f"the same command resumes it: {resume_command(r.context)}", flush=True)
     stop.forward()
+
+
+def resume_command(context: RunContext) -> str:
+    """The command that continues this run: train.py with the run's own overrides (its dir is a
+    function of its configuration, ``hydra.run.dir``)."""
+    import shlex
+
+    if context.sweep:
+        return f"the sweep's command (sweep {context.sweep}) re-runs only the jobs not done"
+    return " ".join(["python train.py", *map(shlex.quote, context.overrides)])
 
 
 # ---------------------------------------------------------------------------- training
@@ -372,7 +400,7 @@ def add_train_time(r: Run, t0: float, c0: float) -> None:
 def log_loss(r: Run, loss: torch.Tensor, epoch: int, step: int, gstep: int, bar) -> None:
     loss_value = loss.item() / r.d.world_size
     if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
+        raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}; lower optim.lr")
     lr_now = r.optimizer.param_groups[0]["lr"]
     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr_now:.2e}",
                     refresh=False)  # shown with the next (rate-limited) update

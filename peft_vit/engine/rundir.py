@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..errors import PeftVitError
 from ..fingerprint import config_diff, fingerprint, result_config
 from ..record import RESULTS
 
 
-class ForeignStateError(RuntimeError):
+class ForeignStateError(PeftVitError, RuntimeError):
     """A checkpoint or record in the run dir was made by a different configuration."""
 
 
@@ -86,7 +87,7 @@ def remove_stale_temp_files(run_dir: Path) -> List[Path]:
     return gone
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(PeftVitError, RuntimeError):
     """Another live process owns the run dir."""
 
 

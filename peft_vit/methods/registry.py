@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Set, Type
 
 import torch.nn as nn
 
+from ..errors import PeftVitError
 from .wrappers import PeftModule
 
 __all__ = ["METHODS", "Method", "register_method", "get_method", "default_no_weight_decay",
@@ -22,7 +23,7 @@ __all__ = ["METHODS", "Method", "register_method", "get_method", "default_no_wei
 METHODS: Dict[str, Type["Method"]] = {}
 
 
-class UnsupportedBackboneError(ValueError):
+class UnsupportedBackboneError(PeftVitError, ValueError):
     """A method cannot apply to a backbone family (e.g. VPT's prompt tokens and Swin's windows)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from ..errors import PeftVitError
 from ..fingerprint import fingerprint, result_config
 from ..record import RESULTS, RecordError, RunRecord
 
@@ -157,7 +158,7 @@ def group_rows(records: Iterable[Record], views: Sequence[str] = VIEW_ORDER,
 
 # --------------------------------------------------------------------------- selection
 
-class SelectionError(ValueError):
+class SelectionError(PeftVitError, ValueError):
     pass
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import pandas as pd
 from tabulate import DataRow, TableFormat
 
-from .collect import DEFAULT_BACKBONE, VIEW_ORDER, VIEWS, Record, group_rows, method_label, method_rank
+from .collect import BACKBONE_MARKS, DEFAULT_BACKBONE, VIEW_ORDER, VIEWS, Record, group_rows, method_label, method_rank
 
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 PAPER_PROTOCOL = "paper: max test acc over epochs"
@@ -251,12 +251,21 @@ def _texts(t: Table, fmt: str) -> List[List[str]]:
             lead[0] = "\\midrule\n" + lead[0]
         prev = (row.method, row.backbone)
         out.append(lead + [_cell_text(row, k, s, most, marks) for k, s in t.benchmark.spans.items()]
-                   + [esc(_params_text(row, True)), esc(_params_text(row, False)), esc(row.seeds)])
+                   + [esc(_params_text(row, True)), esc(_params_text(row, False)), esc(_seed_count(row.seeds))])
     return out
 
 
+def _seed_count(seeds: str) -> str:
+    """The seeds column of the markdown and LaTeX tables: how many seeds (the CSV keeps their ids)."""
+    return str(len(seeds.split(","))) if seeds else ""
+
+
 def _title(t: Table) -> str:
-    return f"{t.benchmark.title} — {t.benchmark.backbone}, top-1 accuracy (%)"
+    """The benchmark and the backbones its rows ran on: the benchmark's own (ViT-B/16, the papers'
+    and its AugReg variant, marked *) or the timm names of any other."""
+    ours = t.rows.backbone[t.rows.kind == "ours"] if len(t.rows) else []
+    names = dict.fromkeys(t.benchmark.backbone if bb in BACKBONE_MARKS else bb for bb in ours)
+    return f"{t.benchmark.title} — {', '.join(names) or t.benchmark.backbone}, top-1 accuracy (%)"
 
 
 # tabulate's "pipe" format without padding: text columns left-aligned, numbers right-aligned
