@@ -30,8 +30,9 @@ DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
 BACKBONE_MARKS = {DEFAULT_BACKBONE: "", "vit_base_patch16_224.augreg_in21k": "*"}  # the papers' * rows
 # the order of methods in tables and benchmarks: the baselines, then by publication year, as the
 # papers' tables list them
-METHOD_ORDER = ["linear", "full", "bitfit", "vpt_deep", "adapter", "adaptformer", "lora", "dora",
-                "vera", "fact_tk", "ssf", "kadaptation", "rlrr", "householder"]
+METHOD_ORDER = ["linear", "full", "ln_tune", "bitfit", "difffit", "vpt_deep", "adapter", "adaptformer", "convpass",
+                "repadapter", "lora", "dora", "vera", "fact_tk", "fact_tt", "ssf", "kadaptation", "oft", "boft", "hra",
+                "rlrr", "householder"]
 
 View = namedtuple("View", "key label protocol field")  # field: the record's accuracy
 VIEWS: Dict[str, View] = {
