@@ -130,14 +130,21 @@ def test_an_unreadable_weights_file_names_its_path_format_and_the_formats_that_w
     assert "Formats that work: .safetensors (safetensors), .pth / .pt / .bin (torch.save of a state dict), .npz" in err
 
 
-def test_every_bad_image_of_a_list_in_one_message_with_its_line_and_the_fix(tmp_path):
+def vtab_with_bad_images(tmp_path, empty_split, empty_name):
+    """A generated cifar task with one truncated JPEG (train800, line 3 of train800val200.txt) and one
+    zero-byte file (``empty_split/empty_name``)."""
     from test_sweep_local import make_vtab
 
     root = make_vtab(tmp_path / "vtab", tasks={"cifar": 100}, n_train=20, n_test=8)
     corrupt = root / "cifar" / "images" / "train800" / "000002.jpg"
     corrupt.write_bytes(corrupt.read_bytes()[:40])
-    empty = root / "cifar" / "images" / "val200" / "000001.jpg"
+    empty = root / "cifar" / "images" / empty_split / empty_name
     empty.write_bytes(b"")
+    return root, corrupt, empty
+
+
+def test_every_bad_image_of_a_list_in_one_message_with_its_line_and_the_fix(tmp_path):
+    root, corrupt, empty = vtab_with_bad_images(tmp_path, "val200", "000001.jpg")
     r = cli(*TINY, "dataset=vtab/cifar", f"dataset.root={root}", "dataset.cache_dir=null",
             f"paths.output_root={tmp_path / 'out'}")
     err = one_line_error(r, "BadImageError")
@@ -149,13 +156,7 @@ def test_every_bad_image_of_a_list_in_one_message_with_its_line_and_the_fix(tmp_
 
 
 def test_verify_data_decode_reports_every_bad_image_with_its_line(tmp_path):
-    from test_sweep_local import make_vtab
-
-    root = make_vtab(tmp_path / "vtab", tasks={"cifar": 100}, n_train=20, n_test=8)
-    corrupt = root / "cifar" / "images" / "train800" / "000002.jpg"
-    corrupt.write_bytes(corrupt.read_bytes()[:40])
-    empty = root / "cifar" / "images" / "test" / "000005.jpg"
-    empty.write_bytes(b"")
+    root, corrupt, empty = vtab_with_bad_images(tmp_path, "test", "000005.jpg")
     r = subprocess.run([sys.executable, "scripts/verify_data.py", "cifar", "--no-fgvc", "--decode",
                         "--vtab-root", str(root)], cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 1, r.stdout + r.stderr

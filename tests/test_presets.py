@@ -67,6 +67,18 @@ def test_preset_covers_its_default_method(preset):
     assert compose(f"experiment={preset}").method.name == preset_methods(preset)[0]
 
 
+@pytest.mark.parametrize("preset", PRESETS + [None])
+def test_preset_values_pass_the_loops_value_checks(preset):
+    """What train.py checks before building anything (engine/optim.py VALUE_RULES) accepts every
+    preset's own values and the bare defaults (checkpoint_every: null among them)."""
+    from peft_vit.config import recipe_gap
+    from peft_vit.engine.optim import check_values
+
+    cfg = compose(*([f"experiment={preset}"] if preset else []))
+    if recipe_gap(cfg, preset) is None:  # vtab_vpt's default task has no row: refused in one line instead
+        check_values(cfg)
+
+
 def test_per_method_files_belong_to_a_preset_and_a_method():
     """configs/experiment_method/<preset>/<method>.yaml: an existing preset and method, setting only
     keys the method's config has (a typo would otherwise be a bad-config-keys error at run time)."""

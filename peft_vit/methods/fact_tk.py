@@ -54,6 +54,17 @@ from .base import (Delta, Mergeable, Method, PeftModule, UnsupportedBackboneErro
 TARGETS = ("qkv", "o", "fc1", "fc2")  # whole Linears, in the official piece order
 
 
+def single_width(model: nn.Module, method: str) -> int:
+    """The one embedding width D that FacT's U, V (shared by every layer) need; other families refused."""
+    family = backbone_family(model)
+    if family != "vit":
+        why = "Swin's stages differ in width" if family == "swin" else "it has no single embedding width"
+        raise UnsupportedBackboneError(
+            f"{method} shares one D-wide U, V across all layers, but {why} (the official code handles "
+            f"ViT only): not available on {family}; use lora, vera or another per-layer method there")
+    return model.embed_dim
+
+
 class FacTFactors(Mergeable, PeftModule):
     """The shared factors: u (r, D), v (D, r), core c (r, r, r), p (r, pieces); ``model.fact_tk``.
     Merging folds them into every adapted Linear, then removes them."""
@@ -138,13 +149,7 @@ class FacTTK(Method):
         self.rank, self.scale, self.dropout, self.layout = int(rank), float(scale), float(dropout), layout
 
     def inject(self, model: nn.Module) -> None:
-        family = backbone_family(model)
-        if family != "vit":
-            why = "Swin's stages differ in width" if family == "swin" else "it has no single embedding width"
-            raise UnsupportedBackboneError(
-                f"fact_tk (FacT-TK) shares one D-wide U, V across all layers, but {why} (the official code handles "
-                f"ViT only): not available on {family}; use lora, vera or another per-layer method there")
-        dim = model.embed_dim
+        dim = single_width(model, "fact_tk (FacT-TK)")
         order = {t: i for i, t in enumerate(TARGETS)}
         sites: list = []
         for target in sorted(self.targets, key=order.get):

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method, PeftModule, UnsupportedBackboneError, adapt_linears, backbone_family, register_method
-from .fact_tk import FacTDelta
+from .base import Method, PeftModule, adapt_linears, register_method
+from .fact_tk import FacTDelta, single_width
 
 TARGETS = ("qkv", "q", "k", "v", "o", "fc1", "fc2")
 
@@ -92,13 +92,7 @@ class FacTTT(Method):
         self.rank, self.scale, self.dropout = int(rank), float(scale), float(dropout)
 
     def inject(self, model: nn.Module) -> None:
-        family = backbone_family(model)
-        if family != "vit":
-            why = "Swin's stages differ in width" if family == "swin" else "it has no single embedding width"
-            raise UnsupportedBackboneError(
-                f"fact_tt (FacT-TT) shares one D-wide U, V across all layers, but {why} (the official code handles "
-                f"ViT only): not available on {family}; use lora, vera or another per-layer method there")
-        dim = model.embed_dim
+        dim = single_width(model, "fact_tt (FacT-TT)")
         factors = SharedUV(dim, self.rank)
 
         def make(site):
