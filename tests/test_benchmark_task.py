@@ -2,10 +2,14 @@
 and compiled (torch.compile's "eager" backend: tracing only, seconds on a CPU) and the peer-style
 reference loop, with every figure it reports; its arithmetic on its own."""
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
 from test_data_scripts import script
 
 
@@ -58,3 +62,46 @@ def test_run_seconds_projection_and_budget(tmp_path):
     skipped = bt.train_run("lora", "compiled", [], tmp_path, 0, {}, {})
     assert skipped == {"method": "lora", "mode": "compiled", "error": "skipped: --budget spent"}
 
+
+
+def gpu_check(tmp_path, **env):
+    return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), **env})
+
+
+def test_gpu_check_dry_run_and_missing_packages(tmp_path):
+    """scripts/gpu_check.sh: its three stages with the GPU settings, each under its own timeout;
+    without hydra it stops at once, naming .devpkgs."""
+    r = gpu_check(tmp_path, DRY_RUN="1")
+    assert r.returncode == 0, r.stderr
+    env, task, steps = r.stdout.splitlines()
+    assert env.startswith("[env] timeout 60 ")
+    assert task.startswith("[task] timeout ") and "scripts/benchmark_task.py --methods householder lora adapter " \
+        "--modes eager compiled" in task and f"--json {tmp_path}/out/task.json" in task
+    assert steps.startswith("[steps] timeout ") and "scripts/benchmark.py --device cuda --batch 64" in steps
+    assert not (tmp_path / "out").exists()
+    r = gpu_check(tmp_path, PYTHON=f"{sys.executable} -S")  # no site-packages: no hydra
+    assert r.returncode == 2 and "copy them into" in r.stderr and ".devpkgs" in r.stderr
+    assert os.listdir(tmp_path / "out") == ["summary.txt"]
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    """The whole check with tiny settings: every stage exits 0 within its time, at most seven files."""
+    r = gpu_check(tmp_path, BUDGET="400", PYTHON=sys.executable, TASK_ARGS=(
+        "--methods linear --modes eager compiled --compile-backend eager --train 24 --test 10 --src-size 40x30 "
+        "--epochs 2 --eval-every 1 --override model=vit_tiny_test trainer.batch_size=8 trainer.num_workers=0"),
+        STEP_ARGS="--device cpu --model tiny --steps 2 --warmup 1 --methods linear")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["env.txt", "steps.json", "steps.txt", "summary.txt", "task.json", "task.log",
+                                       "task.txt"]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["env", "task", "steps"]
+    assert all(": exit 0 in " in line for line in summary), summary
+    task = json.loads((out / "task.json").read_text())
+    assert [(run["mode"], "error" in run) for run in task["runs"]] == [("eager", False), ("compiled", False)]
+    table = (out / "task.txt").read_text()
+    assert "compile_s" in table and "task_s" in table and "compiled" in table and not table.startswith("{")
+    assert json.loads((out / "steps.json").read_text())["results"][0]["method"] == "linear"
+    assert "torch" in (out / "env.txt").read_text()
