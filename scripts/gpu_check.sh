@@ -60,7 +60,7 @@ stage env 60 env.txt bash -c "date -u; git rev-parse HEAD; git status --short | 
 \"hydra\", hydra.__version__, \"omegaconf\", o.__version__)'"
 
 # benchmark_task.py stops starting runs 30 s before the stage's timeout, so its table is printed
-task_limit=$(( $(left) > 220 ? $(left) - 100 : $(left) ))
+task_limit=$(( $(left) > 180 ? $(left) - 60 : $(left) ))  # steps: the rest, 60 s or more
 # shellcheck disable=SC2086
 stage task "$task_limit" task.log $PY scripts/benchmark_task.py $TASK_ARGS --budget $((task_limit - 30)) \
   --json "$OUT/task.json"
