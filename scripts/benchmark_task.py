@@ -103,8 +103,10 @@ def train_run(method: str, mode: str, common: list, out: Path, timeout: float, e
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**row, "error": f"over its {timeout:.0f}s (--timeout, --budget)", **gpu.stop()}
+    except subprocess.TimeoutExpired as e:  # what it printed last says where it was
+        said = e.stderr or e.stdout or b""
+        said = (said.decode(errors="replace") if isinstance(said, bytes) else said).strip()[-400:]
+        return {**row, "error": f"over its {timeout:.0f}s (--timeout, --budget): {said}", **gpu.stop()}
     wall = time.time() - t0
     util = gpu.stop()
     if r.returncode != 0:
