@@ -8,8 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from peft_vit.config import check_argv
-from peft_vit.fingerprint import register_resolvers
+from peft_vit.config import check_argv, register_resolvers
 from peft_vit.record import RunContext
 
 
@@ -24,7 +23,7 @@ def hydra_context() -> RunContext:
                       tuple(hc.overrides.task))
 
 
-register_resolvers()  # ${peft_vit.fingerprint:} in hydra.run.dir
+register_resolvers()  # ${peft_vit.fingerprint:} in hydra.run.dir, ${peft_vit.config_groups:} in --help
 
 
 TRACEBACK = "PEFT_VIT_TRACEBACK"  # set to 1 for the full trace of a known error

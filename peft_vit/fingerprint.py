@@ -91,11 +91,3 @@ def run_fingerprint(*, _root_) -> str:
         return fingerprint(result_config(_root_))[:8]
     except OmegaConfBaseException:
         return "unresolved"
-
-
-def register_resolvers() -> None:
-    """Register ``peft_vit.fingerprint`` with OmegaConf (``train.py`` does, before Hydra composes)."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("peft_vit.fingerprint"):
-        OmegaConf.register_new_resolver("peft_vit.fingerprint", run_fingerprint)

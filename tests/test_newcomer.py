@@ -193,6 +193,39 @@ def test_a_local_sweep_prints_each_jobs_accuracy_and_leaves_no_stray_folder(tmp_
     assert not (sweep / ".submitit" / "%j").exists()
 
 
+def tree_options(group: str):
+    """The options of a config group as the command line spells them, read off configs/ directly."""
+    root = REPO / "configs" / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_help_lists_only_what_a_user_picks_and_says_how_a_run_resumes():
+    r = cli("--help", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert not re.search(r"(?<!\w)_base\b", out) and "experiment_method" not in out, out  # internal options
+    listed = out.split("== Config groups (group=option) ==\n")[1].split("\n\n")[0].splitlines()
+    groups, last = {}, None
+    for line in listed:
+        if line.startswith(" "):
+            groups[last] += " " + line.strip()
+        elif ":" in line and " " not in line.split(":")[0]:
+            last, _, opts = line.partition(":")
+            groups[last] = opts.strip()
+    groups = {g: opts.split(", ") for g, opts in groups.items()}
+    user_groups = sorted([p.name for p in (REPO / "configs").iterdir() if p.is_dir()
+                          and p.name not in ("hydra", "experiment_method")] + ["hydra/launcher"])
+    assert sorted(groups) == user_groups  # a new group shows up in --help by itself
+    for g in user_groups:
+        assert groups[g] == tree_options(g), g
+    assert {"vtab/cifar", "fgvc/cub", "proxy/count", "demo/digits"} <= set(groups["dataset"])
+    text = " ".join(out.split())
+    assert ("A run's dir is outputs/runs/<method>/<dataset>-<task>/<protocol>-seed<seed>/<fingerprint>, a function "
+            "of its config: the same command resumes a stopped run from its checkpoint") in text
+    assert f"The README: {REPO / 'README.md'}" in out and "PEFT_VIT_TRACEBACK=1" in out
+    assert "\nmethod:\n  name: linear\n" in out  # the composed config, as Hydra's help shows it
+
+
 OFFLINE = '''\
 import socket
 _getaddrinfo = socket.getaddrinfo
