@@ -69,10 +69,10 @@ def test_readme_group_table_lists_every_config_group_and_option():
         assert named == tree[group], (group, named ^ tree[group])  # a new option must be named in its row
 
 
-def test_readme_set_up_is_venv_install_quick_tests():
+def test_readme_set_up_is_venv_install_tests():
     text = (REPO / "README.md").read_text()
     block = text.split("## Set up\n")[1].split("```bash\n")[1].split("```")[0].splitlines()
     assert block[0] == "python -m venv .venv && source .venv/bin/activate"
     assert block[1] == "pip install -r requirements.txt"
-    assert block[2].startswith('pytest -m "not slow"') and "the quick tests" in block[2]
+    assert block[2].startswith('pytest -m "not slow"  ') and "end-to-end" in block[2]
     assert '"slow:' in (REPO / "pyproject.toml").read_text()  # the marker the quick command deselects
