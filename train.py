@@ -8,7 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from peft_vit.config import check_argv, register_resolvers
+from peft_vit.config import check_argv
+from peft_vit.fingerprint import register_resolvers
 from peft_vit.record import RunContext
 
 

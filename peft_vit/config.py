@@ -1,6 +1,5 @@
 """Config helpers for the entry point: option listing for bad choices and for ``--help``, what an
-experiment preset covers (its methods, the rows of its per-task and per-method tables), and the
-OmegaConf resolvers the configs use."""
+experiment preset covers (its methods, the rows of its per-task and per-method tables)."""
 from __future__ import annotations
 
 import re
@@ -73,6 +72,11 @@ def group_options(group: str, config_dir: Path = CONFIG_DIR) -> List[str]:
 HELP_GROUPS = ("model", "method", "dataset", "optim", "trainer", "logger", "experiment", "hydra/launcher")
 
 
+def readme() -> str:
+    """OmegaConf resolver ``${peft_vit.readme:}`` for ``--help``: this checkout's README."""
+    return str(CONFIG_DIR.parent / "README.md")
+
+
 def config_groups(width: int = 100, config_dir: Path = CONFIG_DIR) -> str:
     """OmegaConf resolver ``${peft_vit.config_groups:}`` for ``--help`` (configs/hydra/help/peft_vit.yaml):
     one entry per group of :data:`HELP_GROUPS` with its options as the command line spells them
@@ -83,20 +87,6 @@ def config_groups(width: int = 100, config_dir: Path = CONFIG_DIR) -> str:
     pad = max(map(len, HELP_GROUPS)) + 2
     return "\n".join(textwrap.fill(", ".join(group_options(g, config_dir)), width, initial_indent=f"{g}:".ljust(pad),
                                    subsequent_indent=" " * pad, break_on_hyphens=False) for g in HELP_GROUPS)
-
-
-def register_resolvers() -> None:
-    """Register the configs' resolvers with OmegaConf (``train.py`` does, before Hydra composes):
-    ``peft_vit.fingerprint`` (a single run's dir), ``peft_vit.config_groups`` and ``peft_vit.readme``
-    (``--help``)."""
-    from omegaconf import OmegaConf
-
-    from .fingerprint import run_fingerprint
-
-    for name, fn in {"peft_vit.fingerprint": run_fingerprint, "peft_vit.config_groups": config_groups,
-                     "peft_vit.readme": lambda: str(CONFIG_DIR.parent / "README.md")}.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 def unknown_choice(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> Optional[str]:

@@ -91,3 +91,17 @@ def run_fingerprint(*, _root_) -> str:
         return fingerprint(result_config(_root_))[:8]
     except OmegaConfBaseException:
         return "unresolved"
+
+
+def register_resolvers() -> None:
+    """Register the configs' resolvers with OmegaConf (``train.py`` does, before Hydra composes):
+    ``peft_vit.fingerprint`` (a single run's dir) and, for ``--help``, ``peft_vit.config_groups``
+    and ``peft_vit.readme`` (peft_vit/config.py)."""
+    from omegaconf import OmegaConf
+
+    from .config import config_groups, readme
+
+    for name, fn in {"peft_vit.fingerprint": run_fingerprint, "peft_vit.config_groups": config_groups,
+                     "peft_vit.readme": readme}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
