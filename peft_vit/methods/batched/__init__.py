@@ -185,7 +185,7 @@ def linear_units(model: nn.Module, delta_cls: type,
     units: Dict[tuple, List[AdaptedLinear]] = {}
     for mod in model.modules():
         if isinstance(mod, AdaptedLinear) and mod.deltas and all(isinstance(d, delta_cls) for d in mod.deltas.values()):
-            params = tuple((n, tuple(p.shape)) for d in ordered_deltas(mod) for n, p in d.named_parameters())
+            params = tuple((n, tuple(p.shape)) for d in ordered_deltas(mod) for n, p in d.named_parameters(recurse=False))
             group = (tuple(sorted(mod.slices.values())), tuple(mod.base.weight.shape), params,
                      None if key is None else key(mod))
             units.setdefault(group, []).append(mod)
