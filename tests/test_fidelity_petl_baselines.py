@@ -200,6 +200,29 @@ def test_repadapter_equals_the_official_forward_and_reparameterisation(tiny_inpu
     assert diff < 1e-5
 
 
+# --------------------------------------------------------------------------- RepAdapter and Convpass plans
+
+@pytest.mark.parametrize("method,family,kw", [("repadapter", "vit", dict(scale=0.6)), ("repadapter", "swin", {}),
+                                              ("repadapter", "vit", dict(placement="attn", groups=4)),
+                                              ("convpass", "vit", dict(scale=0.7))], ids=str)
+def test_plans_change_no_bit(method, family, kw):
+    """The batched plan (methods/batched/repadapter.py: packed parameters and every W_B at once;
+    batched/flat.py for Convpass: packed parameters) against each module's own path (forward_features
+    alone: no hook): the same outputs and gradients to the bit, dropout on (same seed)."""
+    from test_backbone_families import _batch, tiny_model
+    model = perturb(build(method, tiny_model(family)) if family != "vit" else build(method, **kw)).train()
+    x = _batch(family)[0] if family != "vit" else torch.randn(4, 3, 32, 32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 4  # the pack's 1-d and matrix tensors, the head's weight and bias
+    torch.manual_seed(9)
+    batched = model(x)
+    g_batched = torch.autograd.grad(batched.square().sum(), trainable)
+    torch.manual_seed(9)
+    own = model.forward_head(model.forward_features(x))
+    g_own = torch.autograd.grad(own.square().sum(), trainable)
+    assert torch.equal(batched, own) and all(torch.equal(a, b) for a, b in zip(g_batched, g_own))
+
+
 # --------------------------------------------------------------------------- FacT-TT
 
 def test_fact_tt_equals_the_official_forward(tiny_input):
