@@ -102,6 +102,7 @@ class RepAdapter(PeftModule):
 @register_method("repadapter")
 class RepAdapterMethod(Method):
     batched = "repadapter"  # parameters in two flat tensors, every W_B at once: methods/batched/repadapter.py
+
     def __init__(self, bottleneck: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1,
                  placement: str = "block", blocks: Optional[str] = None):
         if placement not in PLACEMENTS:
