@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL, build, train_steps
+from conftest import TINY_MODEL, assert_batched_equals_one_by_one, build, train_steps
 from peft_vit.methods.base import AdaptedLinear
 
 FIGURES = {}  # max abs differences, printed by test_report_figures (pytest -s)
@@ -200,6 +200,29 @@ def test_repadapter_equals_the_official_forward_and_reparameterisation(tiny_inpu
     assert diff < 1e-5
 
 
+# --------------------------------------------------------------------------- RepAdapter and Convpass plans
+
+@pytest.mark.parametrize("method,family,kw", [("repadapter", "vit", dict(scale=0.6)), ("repadapter", "swin", {}),
+                                              ("repadapter", "vit", dict(placement="attn", groups=4)),
+                                              ("convpass", "vit", dict(scale=0.7))], ids=str)
+def test_plans_change_no_bit(method, family, kw):
+    """The batched plan (methods/batched/repadapter.py: packed parameters and every W_B at once;
+    batched/flat.py for Convpass: packed parameters) against each module's own path (forward_features
+    alone: no hook): the same outputs and gradients to the bit, dropout on (same seed)."""
+    from test_backbone_families import _batch, tiny_model
+    model = perturb(build(method, tiny_model(family)) if family != "vit" else build(method, **kw)).train()
+    x = _batch(family)[0] if family != "vit" else torch.randn(4, 3, 32, 32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 4  # the pack's 1-d and matrix tensors, the head's weight and bias
+    torch.manual_seed(9)
+    batched = model(x)
+    g_batched = torch.autograd.grad(batched.square().sum(), trainable)
+    torch.manual_seed(9)
+    own = model.forward_head(model.forward_features(x))
+    g_own = torch.autograd.grad(own.square().sum(), trainable)
+    assert torch.equal(batched, own) and all(torch.equal(a, b) for a, b in zip(g_batched, g_own))
+
+
 # --------------------------------------------------------------------------- FacT-TT
 
 def test_fact_tt_equals_the_official_forward(tiny_input):
@@ -265,6 +288,32 @@ def test_fact_tt_qkv_as_blocks_is_the_same_math(tiny_input):
         torch.testing.assert_close(blocks(tiny_input), fused(tiny_input), atol=1e-5, rtol=1e-5)
     import peft_vit
     assert peft_vit.count_parameters(blocks) == peft_vit.count_parameters(fused)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(scale=3.0), dict(targets=["q", "k", "v", "o", "fc1", "fc2"]),
+                                dict(targets=["q", "v", "fc2"], scale=0.5)], ids=str)
+def test_fact_tt_batched_step_equals_one_by_one(kw, tiny_input):
+    """The model's forward forms every Linear's Q from all cores in one matmul (methods/batched/fact_tt.py);
+    forward_features alone runs each delta in the official order: same outputs and gradients."""
+    model = perturb(build("fact_tt", dropout=0.0, **kw)).train()
+    assert model.fact_tt_pack.core.numel() == sum(m.deltas[k].core.numel() for m in model.modules()
+                                                  if isinstance(m, AdaptedLinear) for k in m.deltas)
+    assert_batched_equals_one_by_one(model, tiny_input)
+    model, x = model.double(), tiny_input.double()  # exact up to rounding: float64 agrees to ~1e-15
+    torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), atol=1e-12, rtol=0)
+
+
+def test_fact_tt_batched_dropout_masks_the_same_intermediate(tiny_input):
+    """Dropout on (tokens, pieces·r) after the core, one call per Linear as the per-layer path: with
+    the same seed the same masks, so training steps match too."""
+    model = perturb(build("fact_tt")).train()
+    torch.manual_seed(9)
+    batched = model(tiny_input)
+    torch.manual_seed(9)
+    one_by_one = model.forward_head(model.forward_features(tiny_input))
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(tiny_input), model.eval()(tiny_input), atol=1e-4)
 
 
 def test_report_figures():

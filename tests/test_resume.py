@@ -81,6 +81,28 @@ def _model_state():
     return dict(model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False))
 
 
+def test_optimiser_state_of_another_packing_is_named(tmp_path):
+    """A checkpoint saved before a method's parameters were packed (FacT-TT without its batched
+    plan: one tensor per core) does not resume into the packed model: one clear error, nothing loaded."""
+    from test_weights import _build
+
+    from peft_vit.engine import checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    state = _model_state()
+    plain = _build("fact_tt", batched=False)
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    checkpoint.save(path, epoch=1, step=0, config={"a": 1}, **dict(state, model=plain, optimizer=plain_opt))
+    packed = _build("fact_tt")
+    before = {k: v.clone() for k, v in packed.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in packed.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(checkpoint.CheckpointUnreadable, match=r"(?s)optimiser state holds 12 tensors, this model "
+                                                              r"trains 5.*trainer.resume=never"):
+        checkpoint.restore(path, checkpoint.read(path), model=packed, optimizer=opt, scheduler=state["scheduler"],
+                           scaler=state["scaler"])
+    assert all(torch.equal(v, packed.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign_pickle"])
 def test_unreadable_checkpoint_is_named_with_the_choices(tmp_path, damage, capsys):
     from peft_vit.engine import checkpoint

@@ -18,7 +18,8 @@ from peft_vit.methods.weights import layer_state, load_layer_state
 OLD = Path(__file__).parent / "data" / "householder_v1"
 PLANNED = [("householder", {}), ("householder", dict(targets="qv")), ("lora", dict(targets=["q", "v"])),
            ("rlrr", {}), ("ssf", {}), ("fact_tk", {}), ("vera", {}), ("kadaptation", {}), ("hra", {}), ("oft", {}),
-           ("boft", {})]
+           ("boft", {}), ("fact_tt", {}), ("fact_tt", dict(targets=["q", "v", "fc2"])),
+           ("repadapter", {}), ("convpass", {})]
 
 
 def _build(method: str, batched: bool = True, **kw):

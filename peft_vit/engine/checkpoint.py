@@ -84,6 +84,13 @@ def restore(path: Path, state: Dict[str, Any], *, model: nn.Module, optimizer, s
     """Load ``state`` (from :func:`read`) into the model, optimiser, scheduler, scaler and RNGs."""
     from ..methods.weights import load_layer_state
 
+    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointUnreadable(
+            f"checkpoint {path}: its optimiser state holds {sum(saved)} tensors, this model trains "
+            f"{sum(len(g['params']) for g in optimizer.param_groups)}: it was saved under another packing of the "
+            "method's parameters (e.g. before the method got a batched plan, methods/batched/); start the run "
+            "over with trainer.resume=never, or delete the file")
     unexpected, absent = load_layer_state(model, state["trainable"])  # by layer; older packed files converted
     if unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: unexpected {unexpected[:5]}")

@@ -12,6 +12,12 @@ input blocks (the official ``fc1_FacTs`` / ``fc2_FacTs``). Dropout 0.1 on the r-
 after the core. The delta is FacT-TK's (fact_tk.py's :class:`FacTDelta`: ΔW for merging from the
 same ``Q = blockdiag(Uᵀ) Σᵀ``, ``R = s · blockdiag(Vᵀ)``) with the core read from its own parameter
 instead of the shared Tucker core; its forward applies U, Σ and V in turn, as the official code.
+In the model's forward the batched plan (methods/batched/fact_tt.py) serves every adapted Linear
+instead: the Q of all of them from one matmul of all cores (one packed tensor) with U, then
+``x Wᵀ + b + dropout(x Q) R`` in one ``addmm`` per Linear: the same math, products associated
+differently (tested against this forward). A training step costs 1.09× full fine-tuning's ops
+(1.92× per layer; ``scripts/benchmark.py --ops``): like FacT-TK, each adapted Linear keeps its
+own low-rank path, since the dropout acts on the intermediate after the core.
 
 Init (official): U as ``nn.Linear(D, r)``'s default (kaiming-uniform, a=√5), V zeros (so the model
 starts as the backbone), each core as ``nn.Linear``'s default. The shared U, V are registered
@@ -28,7 +34,9 @@ Choices from the official code where the paper is silent:
   core Σ = [Σ_q; Σ_k; Σ_v] (3r×r): the official three paths (``q_FacTs``, ``k_FacTs``,
   ``v_FacTs``, each with its dropout) are exactly these rows, and one dropout over the 3r-vector
   masks each entry independently as three calls do. ``targets: [q, k, v, …]`` adapts the blocks
-  separately instead (same math and count; ``[q, v]`` leaves k out).
+  separately instead (same math and count; ``[q, v]`` leaves k out); the batched plan then drops
+  out the blocks' intermediates in one call too (other random draws than three calls, the same
+  distribution).
 * Swin: one D-wide U, V across all layers needs one width; Swin's grows per stage, so it raises
   :class:`~peft_vit.methods.base.UnsupportedBackboneError` (the official code handles ViT only).
 
@@ -84,6 +92,8 @@ class FacTTTDelta(FacTDelta):
 
 @register_method("fact_tt")
 class FacTTT(Method):
+    batched = "fact_tt"  # every core's U side in one matmul, one addmm per Linear: methods/batched/fact_tt.py
+
     def __init__(self, rank: int = 8, scale: float = 1.0, dropout: float = 0.1, targets: Sequence[str] = ("qkv", "o", "fc1", "fc2")):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         bad = [t for t in self.targets if t not in TARGETS]

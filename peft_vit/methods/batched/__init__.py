@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -176,15 +176,19 @@ def ordered_deltas(lin: AdaptedLinear) -> List[nn.Module]:
     return [lin.deltas[k] for k in sorted(lin.deltas, key=lambda k: lin.slices[k][0])]
 
 
-def linear_units(model: nn.Module, delta_cls: type) -> List[List[AdaptedLinear]]:
+def linear_units(model: nn.Module, delta_cls: type,
+                 key: Optional[Callable[[AdaptedLinear], Hashable]] = None) -> List[List[AdaptedLinear]]:
     """The Linears adapted only by ``delta_cls``, grouped into units that batched math can stack:
     same adapted blocks, weight shape and parameter shapes (e.g. the q+v ``attn.qkv`` of every
-    layer), in model order."""
+    layer), in model order; ``key(linear)``, when given, must match too (a delta's setting that
+    its shapes do not show, e.g. FacT-TK's MLP core layout)."""
     units: Dict[tuple, List[AdaptedLinear]] = {}
     for mod in model.modules():
         if isinstance(mod, AdaptedLinear) and mod.deltas and all(isinstance(d, delta_cls) for d in mod.deltas.values()):
-            params = tuple((n, tuple(p.shape)) for d in ordered_deltas(mod) for n, p in d.named_parameters())
-            units.setdefault((tuple(sorted(mod.slices.values())), tuple(mod.base.weight.shape), params), []).append(mod)
+            params = tuple((n, tuple(p.shape)) for d in ordered_deltas(mod) for n, p in d.named_parameters(recurse=False))
+            group = (tuple(sorted(mod.slices.values())), tuple(mod.base.weight.shape), params,
+                     None if key is None else key(mod))
+            units.setdefault(group, []).append(mod)
     return list(units.values())
 
 

@@ -2,14 +2,14 @@
 Linear of one kind (e.g. every ``attn.qkv``) for all layers at once."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
 
 from ..fact_tk import FacTDelta
 from ..wrappers import AdaptedLinear
-from . import BatchedDeltas, attach_batched, low_rank_output
+from . import BatchedDeltas, attach_batched, linear_units, low_rank_output
 
 
 class FacTBatched(BatchedDeltas):
@@ -41,8 +41,6 @@ class FacTBatched(BatchedDeltas):
 
 
 def apply(model: nn.Module, method) -> None:
-    kinds: Dict[tuple, List[AdaptedLinear]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, AdaptedLinear) and isinstance(dict(mod.deltas).get("all"), FacTDelta):
-            kinds.setdefault((name.rsplit(".", 1)[-1], tuple(mod.base.weight.shape)), []).append(mod)
-    attach_batched(model, "fact_tk_batched", FacTBatched(model.fact_tk, list(kinds.values())))
+    # one unit per kind of Linear (e.g. every attn.qkv); the core layout must match within a unit
+    units = linear_units(model, FacTDelta, key=lambda lin: lin.deltas["all"].interleave)
+    attach_batched(model, "fact_tk_batched", FacTBatched(model.fact_tk, units))

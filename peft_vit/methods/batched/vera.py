@@ -2,14 +2,14 @@
 ``attn.qkv`` with q and v adapted) for all layers in one einsum."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
 
 from ..vera import VeRADelta
 from ..wrappers import AdaptedLinear
-from . import BatchedDeltas, attach_batched, block_onehot, low_rank_output
+from . import BatchedDeltas, attach_batched, block_onehot, linear_units, low_rank_output, ordered_deltas
 
 
 class VeRABatched(BatchedDeltas):
@@ -24,10 +24,9 @@ class VeRABatched(BatchedDeltas):
     def compute(self):
         out = []
         for u, unit in enumerate(self.units):
-            keys = sorted(unit[0].deltas, key=lambda k: unit[0].slices[k][0])
-            first = unit[0].deltas[keys[0]]
-            deltas = [lin.deltas[k] for lin in unit for k in keys]
-            L, G = len(unit), len(keys)
+            deltas = [d for lin in unit for d in ordered_deltas(lin)]
+            first = deltas[0]
+            L, G = len(unit), len(unit[0].deltas)
             d = torch.stack([x.vera_d for x in deltas]).view(L, G, -1)
             b = torch.stack([x.vera_b for x in deltas]).view(L, G, -1)
             a_in, b_out = first.projections()
@@ -41,9 +40,4 @@ class VeRABatched(BatchedDeltas):
 
 
 def apply(model: nn.Module, method) -> None:
-    kinds: Dict[tuple, List[AdaptedLinear]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, AdaptedLinear) and all(isinstance(d, VeRADelta) for d in mod.deltas.values()):
-            kinds.setdefault((name.rsplit(".", 1)[-1], tuple(sorted(mod.slices.items())),
-                              tuple(mod.base.weight.shape)), []).append(mod)
-    attach_batched(model, "vera_batched", VeRABatched(list(kinds.values())))
+    attach_batched(model, "vera_batched", VeRABatched(linear_units(model, VeRADelta)))
