@@ -17,7 +17,10 @@ from . import BatchedDeltas, attach_batched, pack_parameters
 
 
 class RLRRBatched(BatchedDeltas):
-    """W' of every fused adapted Linear from the views of its block's pack."""
+    """W' of every fused adapted Linear from the views of its block's pack (cast once per
+    step to the compute dtype under autocast, as SSF's affines read them)."""
+
+    cast_packs = True
 
     def __init__(self, packs, members):
         # members[i]: (pack index, unit index, AdaptedLinear)

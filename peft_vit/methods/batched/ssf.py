@@ -11,4 +11,6 @@ from . import BatchedDeltas, attach_batched, pack_parameters
 def apply(model: nn.Module, method) -> None:
     # in the order the method inserted them (method.affines)
     pack = pack_parameters(model, [[a] for a in method.affines], name="ssf_pack", label="ssf")
-    attach_batched(model, "ssf_batched", BatchedDeltas(packs=[pack]))
+    batched = BatchedDeltas(packs=[pack])
+    batched.cast_packs = True  # the affines read the split itself: under autocast, of the pack cast once
+    attach_batched(model, "ssf_batched", batched)
