@@ -58,6 +58,8 @@ class ChannelScale(PeftModule):
 
 @register_method("difffit")
 class DiffFit(Method):
+    batched = "difffit"  # every γ in one trainable tensor: methods/batched/difffit.py
+
     def __init__(self, blocks: Optional[str] = None):
         self.blocks = blocks
 

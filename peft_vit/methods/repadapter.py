@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import compute_dtype, like
 from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 
 PLACEMENTS = {"block": (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")), "attn": (("norm1", "attn.qkv"),)}
@@ -58,7 +59,8 @@ class RepAdapter(PeftModule):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        w, b = (t if t.dtype == z.dtype else t.to(z.dtype) for t in (self.dense_up(), self.up_bias))
+        dtype = compute_dtype(z)  # under autocast its matmul's dtype (z: an fp32 LayerNorm output on CUDA)
+        w, b = like(self.dense_up(), dtype), like(self.up_bias, dtype)
         up = F.linear(self.dropout(self.down(z)), w, b)
         return z + (up if self.scale == 1.0 else up * self.scale)
 
@@ -85,6 +87,8 @@ class RepAdapter(PeftModule):
 
 @register_method("repadapter")
 class RepAdapterMethod(Method):
+    batched = "repadapter"  # every adapter's tensors in one per name: methods/batched/repadapter.py
+
     def __init__(self, bottleneck: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1,
                  placement: str = "block", blocks: Optional[str] = None):
         if placement not in PLACEMENTS:

@@ -31,7 +31,7 @@ from ...precision import like
 from ..wrappers import AdaptedLinear, Mergeable, PeftModule
 
 __all__ = ["ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched", "block_onehot", "low_rank_output",
-           "apply_plan", "linear_units", "ordered_deltas"]
+           "apply_plan", "linear_units", "ordered_deltas", "pack_modules"]
 
 
 def apply_plan(plan: str, model: nn.Module, method) -> None:
@@ -294,3 +294,15 @@ def attach_batched(model: nn.Module, name: str, batched: BatchedDeltas) -> Batch
         batched.handles = (model.register_forward_pre_hook(_refresh_batched),
                            model.register_forward_hook(_clear_batched, always_call=True))
     return batched
+
+
+def pack_modules(model: nn.Module, modules: Sequence[nn.Module], name: str, label: Optional[str] = None) -> ParamPack:
+    """The plan of a method whose modules read their own parameters (SSF's affines, DiffFit's
+    scales, RepAdapter's adapters): their parameters in one :class:`ParamPack` (``model.<name>_pack``),
+    split once per forward into the views each module reads; under autocast the pack is cast
+    once per step before its split, so no module casts its own tensors (``cast_packs``)."""
+    pack = pack_parameters(model, [[m] for m in modules], name=f"{name}_pack", label=label)
+    batched = BatchedDeltas(packs=[pack])
+    batched.cast_packs = True
+    attach_batched(model, f"{name}_batched", batched)
+    return pack

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import BatchedDeltas, attach_batched, pack_parameters
+from . import pack_modules
 
 
 def apply(model: nn.Module, method) -> None:
-    # in the order the method inserted them (method.affines)
-    pack = pack_parameters(model, [[a] for a in method.affines], name="ssf_pack", label="ssf")
-    batched = BatchedDeltas(packs=[pack])
-    batched.cast_packs = True  # the affines read the split itself: under autocast, of the pack cast once
-    attach_batched(model, "ssf_batched", batched)
+    pack_modules(model, method.affines, "ssf", label="ssf")  # in the order the method inserted them
