@@ -139,7 +139,9 @@ def ops_table(counts: Dict[str, int], bf16: Optional[Dict[str, int]] = None) -> 
         b = OP_BUDGETS.get(m)
         mark = "" if b is None or not full else f"≤{b}× full: {'ok' if n <= b * full else 'MISSED'}"
         cast = f" {bf16[m]:>9,} {bf16[m] / n:>6.2f}" if bf16 else ""
-        if bf16 and m not in BF16_EXEMPT:
+        if bf16 and m in BF16_EXEMPT:
+            mark += ("; " if mark else "") + "bf16: exempt (every weight trains)"
+        elif bf16:
             mark += ("; " if mark else "") + f"bf16 ≤{BF16_BUDGET}× fp32: {'ok' if bf16[m] <= BF16_BUDGET * n else 'MISSED'}"
         lines.append(f"{m:<12} {n:>9,} {ratio:>6.2f}{cast}  {mark}")
     lines.append("top-level aten:: ops of one training step (forward, backward, AdamW foreach step), CPU fp32"
