@@ -23,8 +23,8 @@ What is held in the compute dtype, and what stays fp32:
   once per step and use (:func:`like` with :func:`compute_dtype`), and a batched plan casts
   its stacked factors once per step, not per layer
   (:class:`~peft_vit.methods.batched.BatchedDeltas`);
-* **method modules are left alone** (their frozen tensors, e.g. VeRA's shared projections,
-  feed the factor math, which runs in fp32).
+* **a method's frozen tensors are buffers** (VeRA's shared projections), left as they are: they
+  feed the factor math, which runs in fp32.
 
 A method's fp32 tensor that meets a bf16 activation in an op autocast does not cover (an
 element-wise scale or shift, a cat) would promote the activation to fp32, and every op after
@@ -49,21 +49,15 @@ _NORMS = (nn.modules.normalization.LayerNorm, nn.modules.normalization.GroupNorm
 
 
 def _frozen_backbone(model: nn.Module):
-    """The frozen floating parameters held in the compute dtype: not a norm layer's, not in a
-    method module (a :class:`~peft_vit.methods.wrappers.PeftModule`)."""
-    from .methods.wrappers import PeftModule
-
-    def walk(mod: nn.Module):
-        if isinstance(mod, PeftModule):
-            return
+    """The frozen floating parameters held in the compute dtype: every one but a norm layer's.
+    A method's own frozen tensors are buffers (VeRA's shared projections, the batched layer's
+    one-hot maps), which are not held: they feed the factor math, which runs in fp32 (every
+    parameter of a method module trains, ``Method.mark_trainable``)."""
+    for mod in model.modules():
         if not isinstance(mod, _NORMS):
             for p in mod.parameters(recurse=False):
                 if not p.requires_grad and p.is_floating_point():
                     yield p
-        for child in mod.children():
-            yield from walk(child)
-
-    return walk(model)
 
 
 def hold_frozen_weights(model: nn.Module, dtype: Optional[torch.dtype]) -> int:
