@@ -139,3 +139,34 @@ def test_bf16_resume_equals_uninterrupted(tmp_path):
     _epoch(c, 1)
     for (n, pa), pc in zip(a.model.named_parameters(), c.model.parameters()):
         assert pa.dtype == pc.dtype and torch.equal(pa, pc), n
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_layer_norm_in_fp32_is_met_too(method, tiny_input, monkeypatch):
+    """CUDA autocast runs ``layer_norm`` in fp32 (its fp32 list: inputs cast up, output fp32),
+    where CPU autocast keeps a bf16 input bf16. Emulated here on CPU, every method still trains a
+    step and keeps the fp32 model's logits: the paths that meet an fp32 LayerNorm output (SSF's,
+    RepAdapter's, the AdaptedLinear input) are exercised as a GPU runs them."""
+    import torch.nn.functional as F
+
+    layer_norm = F.layer_norm
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        return layer_norm(up(x), shape, up(weight), up(bias), eps)
+
+    ref = build(method).eval()
+    model = build(method)
+    hold_frozen_weights(model, torch.bfloat16)
+    monkeypatch.setattr(F, "layer_norm", fp32_layer_norm)
+    with torch.no_grad():
+        want = ref(tiny_input)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.eval()(tiny_input)
+    assert ((got.float() - want).abs().max() / want.abs().max()) < 0.05
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tiny_input).float().logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
