@@ -28,7 +28,7 @@ What is held in the compute dtype, and what stays fp32:
 
 A method's fp32 tensor that meets a bf16 activation in an op autocast does not cover (an
 element-wise scale or shift, a cat) would promote the activation to fp32, and every op after
-it; it is cast to the compute dtype first.
+it; it is cast to the activation's dtype first (to the compute dtype where it meets a matmul).
 
 Merging never reads a model held this way: ``scripts/export_merged.py`` builds the model afresh
 in fp32 and loads the trained (fp32) parameters, and
