@@ -24,7 +24,7 @@ def hydra_context() -> RunContext:
                       tuple(hc.overrides.task))
 
 
-register_resolvers()  # ${peft_vit.fingerprint:} in hydra.run.dir
+register_resolvers()  # ${peft_vit.fingerprint:} in hydra.run.dir, ${peft_vit.config_groups:} in --help
 
 
 TRACEBACK = "PEFT_VIT_TRACEBACK"  # set to 1 for the full trace of a known error

@@ -1,5 +1,5 @@
-"""Config helpers for the entry point: option listing for bad choices, and what an experiment preset
-covers (its methods, the rows of its per-task and per-method tables)."""
+"""Config helpers for the entry point: option listing for bad choices and for ``--help``, what an
+experiment preset covers (its methods, the rows of its per-task and per-method tables)."""
 from __future__ import annotations
 
 import re
@@ -65,6 +65,28 @@ def group_options(group: str, config_dir: Path = CONFIG_DIR) -> List[str]:
     """All options of a config group, nested ones included (``vtab/cifar``)."""
     root = config_dir / group
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+# what --help lists, in this order: the groups a user picks from (experiment_method/ is picked by
+# the experiment and the method; of hydra/, only the sweep launchers)
+HELP_GROUPS = ("model", "method", "dataset", "optim", "trainer", "logger", "experiment", "hydra/launcher")
+
+
+def readme() -> str:
+    """OmegaConf resolver ``${peft_vit.readme:}`` for ``--help``: this checkout's README."""
+    return str(CONFIG_DIR.parent / "README.md")
+
+
+def config_groups(width: int = 100, config_dir: Path = CONFIG_DIR) -> str:
+    """OmegaConf resolver ``${peft_vit.config_groups:}`` for ``--help`` (configs/hydra/help/peft_vit.yaml):
+    one entry per group of :data:`HELP_GROUPS` with its options as the command line spells them
+    (``vtab/cifar``), without the shared ``_base`` files the options include. Hydra's own
+    ``$APP_CONFIG_GROUPS`` cannot leave those out, nor experiment_method/."""
+    import textwrap
+
+    pad = max(map(len, HELP_GROUPS)) + 2
+    return "\n".join(textwrap.fill(", ".join(group_options(g, config_dir)), width, initial_indent=f"{g}:".ljust(pad),
+                                   subsequent_indent=" " * pad, break_on_hyphens=False) for g in HELP_GROUPS)
 
 
 def unknown_choice(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> Optional[str]:

@@ -24,6 +24,11 @@ class DataError(PeftVitError, ValueError):
     """Data that is there but wrong (a malformed list line, a label out of range)."""
 
 
+class DownloadUnreachableError(PeftVitError, ConnectionError):
+    """A source download whose host cannot be reached (offline); the message names the host and the
+    way to get the data without network."""
+
+
 class WeightsFileError(PeftVitError, OSError):
     """A weights file that is missing or cannot be read as any format that works."""
 

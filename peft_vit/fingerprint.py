@@ -94,8 +94,14 @@ def run_fingerprint(*, _root_) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``peft_vit.fingerprint`` with OmegaConf (``train.py`` does, before Hydra composes)."""
+    """Register the configs' resolvers with OmegaConf (``train.py`` does, before Hydra composes):
+    ``peft_vit.fingerprint`` (a single run's dir) and, for ``--help``, ``peft_vit.config_groups``
+    and ``peft_vit.readme`` (peft_vit/config.py)."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("peft_vit.fingerprint"):
-        OmegaConf.register_new_resolver("peft_vit.fingerprint", run_fingerprint)
+    from .config import config_groups, readme
+
+    for name, fn in {"peft_vit.fingerprint": run_fingerprint, "peft_vit.config_groups": config_groups,
+                     "peft_vit.readme": readme}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

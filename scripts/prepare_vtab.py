@@ -46,15 +46,20 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from peft_vit.data.tfds_source import prepare
+    logging.getLogger("absl").setLevel(logging.ERROR)  # tfds' notes on looking for prepared data first
+    from peft_vit.data.tfds_source import prepare_task
 
-    done = prepare(tasks, args.root, data_dir=args.data_dir, download=not args.no_download,
-                   overwrite=args.overwrite, manual_dir=args.manual_dir)
-    failed = {k: v for k, v in done.items() if isinstance(v, Exception)}
-    for name, res in done.items():
-        print(f"{name:14s} {'FAILED: ' + str(res) if name in failed else f'ok  {res}'}")
+    failed = 0
+    for task in tasks:  # every task is tried and reported as it ends, not just up to the first failure
+        try:
+            res = "ok  " + str(prepare_task(task, args.root, data_dir=args.data_dir, download=not args.no_download,
+                                            overwrite=args.overwrite, manual_dir=args.manual_dir))
+        except Exception as e:
+            failed += 1
+            res = f"FAILED: {e}"
+        print(f"{task.name:14s} {res}", flush=True)
     if failed:
-        print(f"\n{len(failed)} of {len(done)} tasks failed; see above.", file=sys.stderr)
+        print(f"\n{failed} of {len(tasks)} tasks failed; see above.", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -137,7 +137,13 @@ def fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=
 
 
 @pytest.fixture
-def mocked_tfds():
+def mocked_tfds(monkeypatch):
+    """tfds' mock: ``download_and_prepare`` downloads nothing, so nothing is pending either (the
+    check that the download hosts can be reached has nothing to check; test_newcomer.py runs it
+    offline for real)."""
+    from peft_vit.data import tfds_source
+
+    monkeypatch.setattr(tfds_source, "pending_downloads", lambda builder, download_dir=None: [])
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=fake_as_dataset):
         yield
 
@@ -218,3 +224,66 @@ def test_manual_download_instructions(tmp_path, mocked_tfds, monkeypatch, name, 
     msg = str(e.value)
     assert needs in msg and "downloads/manual" in msg and f"prepare_vtab.py {name}" in msg
     assert "Manual directory does not exist" in msg and not (tmp_path / "vtab" / vtab.TASKS[name].folder).exists()
+
+
+def test_unreachable_names_the_hosts_a_connection_cannot_reach(monkeypatch):
+    import socket
+
+    from peft_vit.data.tfds_source import unreachable
+
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        up, down = listening.getsockname()[1], closed.getsockname()[1]
+        assert unreachable([f"http://127.0.0.1:{up}/a.tar.gz", f"http://127.0.0.1:{up}/b.tar.gz"]) == {}
+        why = unreachable([f"http://127.0.0.1:{up}/a", f"http://127.0.0.1:{down}/b"], timeout=2)
+    assert list(why) == ["127.0.0.1"] and "ConnectionRefusedError" in why["127.0.0.1"]
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{down}")  # through the proxy the environment names
+    assert "via proxy" in unreachable(["https://www.cs.toronto.edu/x.tar.gz"], timeout=2)["www.cs.toronto.edu"]
+
+
+def test_pending_downloads_leaves_out_what_is_downloaded(tmp_path):
+    from tensorflow_datasets.core.download.resource import get_dl_fname
+
+    from peft_vit.data.tfds_source import builder_for, pending_downloads
+
+    b = builder_for(vtab.TASKS["flowers"], str(tmp_path))
+    urls = sorted(b.url_infos)
+    assert sorted(pending_downloads(b)) == urls and len(urls) == 3
+    first = tmp_path / "downloads" / b.name / get_dl_fname(urls[0], b.url_infos[urls[0]].checksum)
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    assert sorted(pending_downloads(b)) == urls[1:]
+
+
+def test_the_task_lock_is_removed_and_a_waiter_takes_the_next_one(tmp_path):
+    import threading
+
+    from peft_vit.data.tfds_source import _lock
+
+    path = tmp_path / "vtab" / ".cifar.lock"
+    order = []
+    with _lock(path):
+        assert path.is_file()
+        waiter = threading.Thread(target=lambda: _hold(path, order))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # blocked on the lock
+        order.append("first")
+    waiter.join(10)
+    assert order == ["first", "waiter"]
+    assert not path.exists()
+    with _lock(tmp_path / "new" / "root" / ".cifar.lock"):
+        pass
+    assert not (tmp_path / "new").exists()  # alone, a run leaves neither the lock nor the folders it made
+
+
+def _hold(path, order):
+    from peft_vit.data.tfds_source import _lock
+
+    with _lock(path):
+        assert path.is_file()
+        order.append("waiter")

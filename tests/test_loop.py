@@ -19,9 +19,9 @@ FAST = ["model=vit_tiny_test", "dataset=demo/digits", "logger=none", "trainer.nu
         "trainer.progress=false", "trainer.batch_size=64", "optim.warmup_epochs=1", "optim.lr=2e-3"]
 
 
-def train(run_dir, *args, timeout=300, launcher=None):
+def train(run_dir, *args, timeout=300, launcher=None, env=None):
     cmd = (launcher or [sys.executable]) + ["train.py", *FAST, f"hydra.run.dir={run_dir}", *args]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -135,13 +135,40 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     one = tmp_path / "one"
     train(one, *args)
     two = tmp_path / "two"
-    train(two, *args, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    train(two, *args, launcher=TORCHRUN2)
     a, b = record(one), record(two)
     assert b["world_size"] == 2 and a["world_size"] == 1
     assert a["history"] == pytest.approx(b["history"], abs=0.5)  # same predictions up to float reduction order
     wa, wb = load_file(one / "trainable.safetensors"), load_file(two / "trainable.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+
+
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_compiled_equals_eager(tmp_path):
+    """trainer.compile=true under torchrun (2 processes, gloo): torch.compile of the DDP-wrapped
+    training module (dynamo splits the graph at DDP's buckets) with backend "eager"
+    (PEFT_VIT_COMPILE_BACKEND: the traced graphs run as traced, so the same ops in the same
+    order). Householder: the batched layers' factor hook inside the compiled frame. It trains, to
+    the uncompiled DDP run's result: the same history and bit-identical weights."""
+    args = ["method=householder", "trainer.epochs=2", "trainer.eval_every=1", "model.drop_path_rate=0.0"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(eager, *args, launcher=TORCHRUN2)
+    train(compiled, *args, "trainer.compile=true", launcher=TORCHRUN2, env={"PEFT_VIT_COMPILE_BACKEND": "eager"})
+    a, b = record(eager), record(compiled)
+    assert a["world_size"] == b["world_size"] == 2
+    assert (a["compiled"], a["compile_time_s"]) == (False, 0) and b["compiled"] is True and b["compile_time_s"] > 0
+    assert a["history"] == b["history"] and a["test_acc"] == b["test_acc"]
+    wa, wb = load_file(eager / "trainable.safetensors"), load_file(compiled / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), \
+        {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    # it trains: every reflection's d and add-on's w_out starts at zero (the model starts as the
+    # backbone) and moved, through the compiled graph with the factor hook in it, under DDP
+    zero_init = [k for k in wb if k.endswith((".d", ".w_out"))]
+    assert len(zero_init) == 16 and all(wb[k].abs().min() > 0 for k in zero_init)
 
 
 def test_ddp_arguments_gloo_no_buffer_broadcast_gradients_in_buckets(tmp_path):

@@ -25,12 +25,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 from PIL import Image
+
+from ..errors import DownloadUnreachableError
 
 if TYPE_CHECKING:  # a task is read, never built, here: vtab.py imports this module, not the reverse
     from .vtab import Task
@@ -82,6 +87,55 @@ def manual_instructions(task: Task, builder=None) -> str:
             f"with <manual_dir> = {manual} (or pass --manual-dir), then run "
             f"python scripts/prepare_vtab.py {task.name} again. Alternatively use the {task.folder}/ folder "
             f"from NOAH's vtab-1k.zip.")
+
+
+def pending_downloads(builder, download_dir=None) -> list:
+    """The URLs ``builder.download_and_prepare`` will fetch: those of the builder's tfds checksums
+    file whose file is not in tfds' download dir yet (``<download_dir>/<dataset>/<name>``, or the
+    legacy ``<download_dir>/<name>``); none when the builder is prepared already."""
+    from tensorflow_datasets.core.download.resource import get_dl_fname
+
+    if builder.is_prepared():
+        return []
+    downloads = Path(download_dir or Path(builder.data_dir_root) / "downloads")
+    pending = []
+    for url, info in (builder.url_infos or {}).items():
+        name = get_dl_fname(url, info.checksum if info else None)
+        if not any((d / name).exists() for d in (downloads / builder.name, downloads)):
+            pending.append(url)
+    return pending
+
+
+def unreachable(urls: Iterable[str], timeout: float = 5.0) -> dict:
+    """``{host: why}`` for the hosts of ``urls`` that a TCP connection does not reach within
+    ``timeout`` seconds (through the proxy the environment names for the URL, as requests would).
+    Offline this answers at once (the name does not resolve), where tfds' downloader retries each
+    URL ten times with back-off, about three and a half minutes, before it gives up."""
+    hosts = {}
+    for url in urls:
+        u = urllib.parse.urlsplit(url)
+        proxy = None if urllib.request.proxy_bypass(u.hostname or "") else urllib.request.getproxies().get(u.scheme)
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}") if proxy else u
+        port = target.port or {"https": 443, "ftp": 21}.get(target.scheme, 80)
+        hosts.setdefault((target.hostname, port), (u.hostname, f"via proxy {proxy}: " if proxy else ""))
+    why = {}
+    for (host, port), (name, via) in hosts.items():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            why[name] = f"{via}{type(e).__name__}: {e}" if str(e) else f"{via}{type(e).__name__}"
+    return why
+
+
+def offline_message(task: Task, root: Path, why: dict, builder=None) -> str:
+    """One line: the task, the download that cannot be reached, and the way without network."""
+    hosts = "; ".join(f"{h} ({w})" for h, w in why.items())
+    cannot = f"{task.name}: the download of {task.tfds_name} could not be reached: {hosts}."
+    if task.manual:
+        return f"{cannot} {manual_instructions(task, builder)}"
+    return (f"{cannot} Without network use NOAH's image folders: unzip vtab-1k.zip so that "
+            f"{root / task.folder / 'train800.txt'} exists (see datasets/README.md), or run "
+            f"python scripts/prepare_vtab.py {task.name} where there is network and copy {task.folder}/ here.")
 
 
 def _encoded(ex_image) -> tuple:
@@ -138,16 +192,33 @@ def _write_split(builder, task: Task, split: str, out: Path) -> list:
 
 @contextlib.contextmanager
 def _lock(path: Path):
-    """An exclusive lock file, so concurrent runs (a sweep) prepare a task once."""
+    """An exclusive lock file, so concurrent runs (a sweep) prepare a task once. The holder removes
+    it when done (a waiter that then holds a removed file locks the new one instead), and the
+    folders this made for it, when left empty: a failed run leaves nothing behind."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(path, "a")
+        except FileNotFoundError:  # a holder that made the folder removed it in between
+            continue
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the previous holder removed it while this run waited: lock the current file
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def is_prepared(folder: Path) -> bool:
@@ -171,6 +242,9 @@ def prepare_task(task: Task, root, data_dir: Optional[str] = None, download: boo
         if download:
             tfds = _tfds()
             config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+            why = unreachable(pending_downloads(builder))
+            if why:
+                raise DownloadUnreachableError(offline_message(task, root, why, builder))
             try:
                 builder.download_and_prepare(download_config=config)
             except Exception as e:
@@ -200,15 +274,3 @@ def prepare_task(task: Task, root, data_dir: Optional[str] = None, download: boo
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: prepared %s", task.name, final)
     return final
-
-
-def prepare(tasks: Iterable[Task], root, **kwargs) -> dict:
-    """Prepare several tasks; returns {task name: folder or the exception}."""
-    done = {}
-    for t in tasks:
-        try:
-            done[t.name] = prepare_task(t, root, **kwargs)
-        except Exception as e:  # report every task, not just the first failure
-            log.error("%s: %s", t.name, e)
-            done[t.name] = e
-    return done

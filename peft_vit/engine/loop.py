@@ -93,8 +93,11 @@ def compile_seconds() -> float:
     return float(calculate_time_spent().get("total_wall_time", 0.0))
 
 
-# torch.compile's backend for the training module; the CPU tests set "eager" or a counting backend
-COMPILE_BACKEND = "inductor"
+# torch.compile's backend for the training module: inductor, or the environment's
+# PEFT_VIT_COMPILE_BACKEND (e.g. "eager": dynamo's tracing alone, seconds on a CPU, which
+# scripts/benchmark_task.py --compile-backend and the compiled-DDP test use); the in-process CPU
+# tests set "eager" or a counting backend here
+COMPILE_BACKEND = os.environ.get("PEFT_VIT_COMPILE_BACKEND") or "inductor"
 
 
 class WholeForward(nn.Module):
