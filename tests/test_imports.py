@@ -16,17 +16,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_vit"
 # build_model, count_parameters, merge).
 ROOMS: List[Tuple[str, Tuple[str, ...]]] = [
     ("peft_vit.errors", ()),
+    ("peft_vit.precision", ()),
     ("peft_vit.config", ()),
     ("peft_vit.record", ()),
     ("peft_vit.fingerprint", ("peft_vit.config",)),
     ("peft_vit.backbone", ()),
     ("peft_vit.data", ("peft_vit.config",)),
-    ("peft_vit.methods", ("peft_vit.backbone",)),
+    ("peft_vit.methods", ("peft_vit.backbone", "peft_vit.precision")),
     ("peft_vit", ("peft_vit.backbone", "peft_vit.methods")),
     # the report reads records and the data registries through the data package's interface
     ("peft_vit.report", ("peft_vit.record", "peft_vit.fingerprint", "peft_vit.data")),
     ("peft_vit.engine", ("peft_vit.record", "peft_vit.fingerprint", "peft_vit.config", "peft_vit.backbone",
-                         "peft_vit.data", "peft_vit.methods", "peft_vit")),
+                         "peft_vit.data", "peft_vit.methods", "peft_vit", "peft_vit.precision")),
 ]
 # interfaces a room offers: a room listed here may be imported only as these modules
 INTERFACES: Dict[str, Set[str]] = {"peft_vit.data": {"peft_vit.data"}}

@@ -41,6 +41,7 @@ from ..data import build_datasets
 from ..data.loader import EvalBatches, TrainBatches
 from ..errors import ConfigValueError, DataMissingError, NonFiniteLossError
 from ..fingerprint import fingerprint, result_config
+from ..precision import hold_frozen_weights
 from ..record import RESULTS, WEIGHTS, RunContext, RunRecord, atomic_file
 from . import checkpoint, distributed, rundir
 from .logger import RunLogger, git_commit, versions
@@ -200,6 +201,9 @@ def set_up(r: Run) -> None:
 
     r.data = data_first(cfg)  # everything about the data is checked before the model is built
     r.model = model = build_model(cfg).to(d.device)
+    # bf16/fp16: the frozen backbone held in the compute dtype, once (no weight cast per step);
+    # trainable parameters stay fp32 masters (peft_vit/precision.py)
+    hold_frozen_weights(model, r.amp)
     r.method = getattr(model, "peft_method", None)
     r.counts = count_parameters(model)
 

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..precision import like
 from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 from .ln_tune import train_layernorms
 
@@ -43,7 +44,7 @@ class ChannelScale(PeftModule):
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.gamma
+        return y * like(self.gamma, y.dtype)  # not promoting a bf16 activation (precision.py)
 
     @torch.no_grad()
     def fold_into(self, original: nn.Module) -> nn.Module:
@@ -57,6 +58,8 @@ class ChannelScale(PeftModule):
 
 @register_method("difffit")
 class DiffFit(Method):
+    batched = "difffit"  # every γ in one trainable tensor: methods/batched/difffit.py
+
     def __init__(self, blocks: Optional[str] = None):
         self.blocks = blocks
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import matmul_operand
 from .base import Method, PeftModule, adapt_linears, register_method
 from .fact_tk import FacTDelta, single_width
 
@@ -82,7 +83,8 @@ class FacTTTDelta(FacTDelta):
 
     def forward(self, x, weight, bias):
         """``s · V(Dropout(Σ U(x)))`` per piece, without forming Q and R (the official order)."""
-        u, core, v = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (self.factors.u, self.core, self.factors.v))
+        # under autocast the shared U, V are cast once per forward, not once per layer (precision.py)
+        u, core, v = (matmul_operand(t, x) for t in (self.factors.u, self.core, self.factors.v))
         h = F.linear(x if self.p_in == 1 else x.unflatten(-1, (self.p_in, -1)), u)
         z = self.dropout(F.linear(h if self.p_in == 1 else h.flatten(-2), core))
         out = F.linear(z if self.p_out == 1 else z.unflatten(-1, (self.p_out, -1)), v)

@@ -13,6 +13,7 @@ from typing import Dict, Iterable
 import torch
 import torch.nn as nn
 
+from ..precision import held_dtype
 from .wrappers import Mergeable, NotMergeableError, PeftModule, set_submodule
 
 __all__ = ["merge", "count_parameters"]
@@ -23,9 +24,15 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every method module into plain weights, in place; returns the model.
 
     The result has the backbone's class and no extra modules. Raises NotMergeableError for
-    methods that cannot be folded (sequential adapters with a non-linearity).
+    methods that cannot be folded (sequential adapters with a non-linearity), and ValueError for a
+    model whose frozen weights the loop holds in bf16/fp16 (merged weights come from fp32 ones).
     """
     _check_mergeable(model)
+    held = held_dtype(model)
+    if held is not None:
+        raise ValueError(f"merge: the frozen weights of this model are held in {held} for mixed-precision training "
+                         f"(peft_vit/precision.py); a merged model must come from the fp32 weights: build the model "
+                         f"afresh and load the trained parameters (scripts/export_merged.py does)")
     todo = [(n, m) for n, m in model.named_modules() if n and isinstance(m, Mergeable)]
     removed = []
     # deepest first, so inner wrappers are folded before an outer one reads them

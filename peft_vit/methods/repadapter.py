@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import compute_dtype, like
 from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 
 PLACEMENTS = {"block": (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")), "attn": (("norm1", "attn.qkv"),)}
@@ -73,7 +74,8 @@ class RepAdapter(PeftModule):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         wa, ba, w, b = self.weights()
-        w, b = (t if t.dtype == z.dtype else t.to(z.dtype) for t in (w, b))
+        dtype = compute_dtype(z)  # under autocast its matmul's dtype (z: an fp32 LayerNorm output on CUDA)
+        w, b = like(w, dtype), like(b, dtype)
         z2 = z.reshape(-1, z.shape[-1])  # the 2-d matmuls nn.Linear runs on 3-d input, without its reshapes
         up = F.linear(self.dropout(F.linear(z2, wa, ba)), w, b)
         return (z2 + (up if self.scale == 1.0 else up * self.scale)).view(z.shape)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import like
 from .base import Method, NotMergeableError, PeftModule, block_names, insert_after, register_method
 
 SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -57,18 +58,22 @@ class SSF(PeftModule):
         self.beta = nn.Parameter(torch.empty(dim).normal_(0.0, std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma + self.beta
+        # γ, β in the activation's dtype (under autocast: not promoting it to fp32; precision.py)
+        return x * like(self.gamma, x.dtype) + like(self.beta, x.dtype)
 
     def forward_after(self, original: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``SSF(original(x))``; after an affine LayerNorm, one LayerNorm with the folded affine
-        (γ·w, γ·b + β): the same values without storing the LayerNorm's output for backward."""
+        (γ·w, γ·b + β, in the LayerNorm's fp32): the same values without storing the LayerNorm's
+        output for backward."""
         gamma, beta = self.gamma, self.beta
         if isinstance(original, nn.LayerNorm) and original.weight is not None and original.bias is not None:
             return F.layer_norm(x, original.normalized_shape, original.weight * gamma,
                                 torch.addcmul(beta, original.bias, gamma), original.eps)
+        y = original(x)
+        gamma, beta = like(gamma, y.dtype), like(beta, y.dtype)
         if isinstance(original, nn.Conv2d):  # NCHW: channels on dim 1
-            return original(x) * gamma.view(-1, 1, 1) + beta.view(-1, 1, 1)
-        return original(x) * gamma + beta
+            return y * gamma.view(-1, 1, 1) + beta.view(-1, 1, 1)
+        return y * gamma + beta
 
     @torch.no_grad()
     def fold_into(self, original: nn.Module) -> nn.Module:

@@ -40,10 +40,12 @@ folded into weights: not mergeable.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..precision import like
 from .base import Method, PeftModule, UnsupportedBackboneError, backbone_family, block_names, register_method
 from .base import _set_submodule
 
@@ -56,8 +58,10 @@ class Prompts(PeftModule):
         self.tokens = nn.Parameter(torch.empty(num_tokens, dim).uniform_(-bound, bound))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, batch: int) -> torch.Tensor:
-        return self.dropout(self.tokens.expand(batch, -1, -1))
+    def forward(self, batch: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The prompts of ``batch`` samples, in ``dtype`` (the tokens' they join: a bf16 stream
+        under autocast is not promoted to fp32 by the cat; peft_vit/precision.py)."""
+        return self.dropout(like(self.tokens, dtype or self.tokens.dtype).expand(batch, -1, -1))
 
 
 class PromptedBlock(nn.Module):
@@ -76,7 +80,7 @@ class PromptedBlock(nn.Module):
                              "tokens; call the model without attn_mask")
         p = self.prefix
         if self.prompts is not None:
-            x = torch.cat([x[:, :p], self.prompts(x.shape[0]), x[:, p:]], dim=1)
+            x = torch.cat([x[:, :p], self.prompts(x.shape[0], x.dtype), x[:, p:]], dim=1)
         x = self.original(x, **kwargs)
         if self.drop:
             x = torch.cat([x[:, :p], x[:, p + self.num_tokens:]], dim=1)

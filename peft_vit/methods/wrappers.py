@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import compute_dtype, like
+
 __all__ = ["NotMergeableError", "Mergeable", "PeftModule", "Delta", "AdaptedLinear", "InsertedAfter", "InputTap",
            "InsertedParallel", "set_submodule"]
 
@@ -131,6 +133,9 @@ class AdaptedLinear(Mergeable, nn.Module):
         return w + dw, (b if db is None else (db if b is None else b + db))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # under autocast the input in the compute dtype once, for the frozen matmul and the deltas
+        # (an fp32 LayerNorm output on CUDA would be cast by each, or promote a delta's sum to fp32)
+        x = like(x, compute_dtype(x))
         if self.served_by is not None and self.served_by[0].active:
             return self.served_by[0].forward_linear(self, self.served_by[1], x)
         if self.weight_space:

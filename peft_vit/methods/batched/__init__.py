@@ -27,10 +27,11 @@ from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence,
 import torch
 import torch.nn as nn
 
+from ...precision import like
 from ..wrappers import AdaptedLinear, Mergeable, PeftModule
 
 __all__ = ["ParamPack", "pack_parameters", "BatchedDeltas", "attach_batched", "block_onehot", "low_rank_output",
-           "apply_plan", "linear_units", "ordered_deltas"]
+           "apply_plan", "linear_units", "ordered_deltas", "pack_modules"]
 
 
 def apply_plan(plan: str, model: nn.Module, method) -> None:
@@ -109,9 +110,10 @@ class ParamPack(Mergeable, PeftModule):
             t = torch.cat(ts)
             self.register_parameter(n, nn.Parameter(t if ndim[n] <= 1 else t.unsqueeze(1)))
 
-    def unpack(self) -> Dict[Tuple[int, str], torch.Tensor]:
+    def unpack(self, dtype: Optional[torch.dtype] = None) -> Dict[Tuple[int, str], torch.Tensor]:
         """Every slot as a flat (count·numel,) view: one split per stored tensor (during the
-        model's forward, the split already made: :attr:`current`)."""
+        model's forward, the split already made: :attr:`current`); with ``dtype``, of the stored
+        tensor cast once to it."""
         if self.current is not None:
             return self.current
         out: Dict[Tuple[int, str], torch.Tensor] = {}
@@ -119,6 +121,7 @@ class ParamPack(Mergeable, PeftModule):
             keys = sorted((k for k, v in self.slots.items() if v[0] == store), key=lambda k: self.slots[k][1])
             sizes = [self.slots[k][2] * math.prod(self.slots[k][3]) for k in keys]
             flat = p if p.dim() == 1 else p.view(-1)
+            flat = flat if dtype is None else like(flat, dtype)
             out.update(zip(keys, flat.split(sizes) if len(keys) > 1 else [flat]))
         return out
 
@@ -201,11 +204,21 @@ class BatchedDeltas(Mergeable, nn.Module):
     (:attr:`ParamPack.current`) and calls :meth:`compute`, whose result holds for that forward;
     each of its ``linears`` then calls :meth:`forward_linear` with its index. A Linear called on
     its own (outside the model's forward) finds no factors and runs its deltas one by one: the
-    same math."""
+    same math.
+
+    Under autocast (issue 22; peft_vit/precision.py) :meth:`compute` runs with autocast off, in
+    fp32 from the fp32 master parameters (orthogonal products keep their orthogonality to fp32
+    precision), and casts its stacked results to the compute dtype once (:meth:`cast`), before
+    splitting them per Linear: one cast per factor tensor per step, not per layer. A plan
+    whose factors are the packs' views themselves (``cast_packs = True``: SSF, RLRR's scales)
+    has each pack cast once instead, before its split."""
+
+    cast_packs = False
 
     def __init__(self, linears: Sequence[AdaptedLinear] = (), packs: Sequence[ParamPack] = ()):
         super().__init__()
         self._cache: Optional[List] = None
+        self.dtype: Optional[torch.dtype] = None  # the autocast compute dtype during a forward
         self.packs = list(packs)  # plain references: the packs are registered where they belong
         self.handles: tuple = ()
         for i, lin in enumerate(linears):
@@ -221,16 +234,26 @@ class BatchedDeltas(Mergeable, nn.Module):
     def forward_linear(self, lin: AdaptedLinear, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def refresh(self) -> None:
+    def cast(self, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+        """``tensors`` in the compute dtype of this forward (as they are outside autocast)."""
+        return tensors if self.dtype is None else tuple(None if t is None else like(t, self.dtype) for t in tensors)
+
+    def refresh(self, device_type: str = "cpu") -> None:
+        self.dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         for pack in self.packs:
             pack.current = None
-            pack.current = pack.unpack()
-        self._cache = self.compute()
+            pack.current = pack.unpack(self.dtype if self.cast_packs else None)
+        if self.dtype is None or self.cast_packs:
+            self._cache = self.compute()
+        else:
+            with torch.autocast(device_type, enabled=False):
+                self._cache = self.compute()
 
     def clear(self) -> None:
         for pack in self.packs:
             pack.current = None
         self._cache = None
+        self.dtype = None
 
     def merge(self) -> None:
         for handle in self.handles:
@@ -252,9 +275,10 @@ def low_rank_output(lin: AdaptedLinear, x: torch.Tensor, left: torch.Tensor, rig
 
 
 def _refresh_batched(model: nn.Module, args) -> None:
+    device_type = args[0].device.type if args and isinstance(args[0], torch.Tensor) else "cpu"
     for m in model.children():
         if isinstance(m, BatchedDeltas):
-            m.refresh()
+            m.refresh(device_type)
 
 
 def _clear_batched(model: nn.Module, args, output) -> None:
@@ -274,3 +298,15 @@ def attach_batched(model: nn.Module, name: str, batched: BatchedDeltas) -> Batch
         batched.handles = (model.register_forward_pre_hook(_refresh_batched),
                            model.register_forward_hook(_clear_batched, always_call=True))
     return batched
+
+
+def pack_modules(model: nn.Module, modules: Sequence[nn.Module], name: str, label: Optional[str] = None) -> ParamPack:
+    """The plan of a method whose modules read their own parameters (SSF's affines, DiffFit's
+    scales, RepAdapter's adapters): their parameters in one :class:`ParamPack` (``model.<name>_pack``),
+    split once per forward into the views each module reads; under autocast the pack is cast
+    once per step before its split, so no module casts its own tensors (``cast_packs``)."""
+    pack = pack_parameters(model, [[m] for m in modules], name=f"{name}_pack", label=label)
+    batched = BatchedDeltas(packs=[pack])
+    batched.cast_packs = True
+    attach_batched(model, f"{name}_batched", batched)
+    return pack

@@ -31,7 +31,8 @@ class FacTBatched(BatchedDeltas):
             q = d0.q_from(d0.kmat(t[getattr(self, f"cols_{u}")]))  # (L, in, p_out·r)
             # R is the same for the L Linears; one view each, so that backward gathers their
             # gradients in one op instead of L - 1 accumulations
-            r = d0.r_mat().expand(q.shape[0], -1, -1).unbind(0)
+            q, r = self.cast(q, d0.r_mat())
+            r = r.expand(q.shape[0], -1, -1).unbind(0)
             out.extend((qi, ri, d0.dropout) for qi, ri in zip(q.unbind(0), r))
         return out
 

@@ -57,12 +57,13 @@ class FacTTTBatched(BatchedDeltas):
 
     def compute(self):
         u, v = self.factors.u, self.factors.v
-        qt = (self.pack.core.view(-1, u.shape[0]) @ u).split(self.rows)  # every Linear's Qᵀ, one matmul
+        # every Linear's Qᵀ in one matmul; under autocast formed in fp32, cast once (BatchedDeltas.cast)
+        qt = self.cast(self.pack.core.view(-1, u.shape[0]) @ u)[0].split(self.rows)
         vt = v.t() if self.scale == 1.0 else v.t() * self.scale
         # one R per pattern, one view per Linear: backward gathers their gradients in one op
         rights: Dict[tuple, object] = {}
         for i, (pattern, count) in enumerate(self.count.items()):
-            r = self.right(pattern, vt, i)
+            r = self.cast(self.right(pattern, vt, i))[0]  # one cast per pattern, not per Linear
             rights[pattern] = iter(r.expand(count, *r.shape).unbind(0))
         out = []
         for (L, width, n_in, dropout), q, pattern in zip(self.shapes, qt, self.pattern):

@@ -93,7 +93,8 @@ class HouseholderBatched(BatchedDeltas):
                 vin_j = vin_j.reshape(L, -1, G * R) if self.dropout is None else vin_j.permute(0, 2, 1, 3)
                 if nb > 1 or G > 1:
                     vout_j = (vout_j.unsqueeze(3) * getattr(self, f"onehot_{u}_{j}")).reshape(L, G * R, nb * size)
-                out.extend(zip(vin_j.unbind(0), vout_j.reshape(L, G * R, -1).unbind(0), d_j.reshape(L, -1).unbind(0)))
+                vin_j, vout_j, d_j = self.cast(vin_j, vout_j.reshape(L, G * R, -1), d_j.reshape(L, -1))
+                out.extend(zip(vin_j.unbind(0), vout_j.unbind(0), d_j.unbind(0)))
         return out
 
     def forward_linear(self, lin, index, x):

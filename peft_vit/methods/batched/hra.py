@@ -46,7 +46,8 @@ class HRABatched(BatchedDeltas):
                 right = torch.linalg.solve_triangular(vecs.mT @ vecs * getattr(self, f"wy_mask_{u}"), vecs.mT,
                                                       upper=True)
             left = vecs.view(L, G, n_in, r).permute(0, 2, 1, 3).reshape(L, n_in, G * r)
-            out.extend(zip(left.unbind(0), right.reshape(L, G * r, n_in).unbind(0)))
+            left, right = self.cast(left, right.reshape(L, G * r, n_in))
+            out.extend(zip(left.unbind(0), right.unbind(0)))
         return out
 
     def forward_linear(self, lin, index, x):

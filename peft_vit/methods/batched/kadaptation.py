@@ -54,6 +54,7 @@ class KAdaptationBatched(BatchedDeltas):
                 stacked = torch.stack([b for _, b in biases], 1)               # (L, Gb, out)
                 rows = onehot[[g for g, _ in biases]]                           # (Gb, NB)
                 bias = torch.einsum("lgo,gb->lbo", stacked, rows).reshape(L, NB * size)
+            q, p, bias = self.cast(q, p, bias)
             out.extend(zip(q.unbind(0), p.unbind(0), bias.unbind(0) if bias is not None else [None] * L))
         return out
 

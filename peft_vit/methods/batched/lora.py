@@ -38,6 +38,7 @@ class LoRABatched(BatchedDeltas):
             a = a.permute(0, 3, 1, 2).reshape(L, n_in, G * r) if self.dropout is None else a.transpose(-1, -2)
             onehot = getattr(self, f"onehot_{u}")
             b = (b.unsqueeze(3) * (onehot * scale if scale != 1.0 else onehot)).reshape(L, G * r, -1)
+            a, b = self.cast(a, b)
             out.extend(zip(a.unbind(0), b.unbind(0)))
         return out
 

@@ -83,6 +83,7 @@ class RotationBatched(BatchedDeltas):
                 blocks = torch.einsum("gk,lgmdij->lkmdij", onehot, blocks) + getattr(self, f"eye_{u}")
                 if s is not None:
                     s = torch.einsum("gk,lgs->lks", onehot, s) + getattr(self, f"ones_{u}")
+            blocks, s = self.cast(blocks, s)
             blocks = blocks.view(L, NB, self.factors, D, b, b).unbind(0)
             out.extend(zip(blocks, s.reshape(L, NB * size, 1).unbind(0)) if s is not None
                        else ((r, None) for r in blocks))

@@ -14,6 +14,8 @@ from . import BatchedDeltas, attach_batched, pack_parameters
 
 
 class RepAdapterBatched(BatchedDeltas):
+    cast_packs = True  # under autocast the pack is cast once per step, before W_B is formed (issue 22)
+
     def __init__(self, pack, groups: List[List[RepAdapter]]):
         super().__init__(packs=[pack])
         self.shapes = []

@@ -17,7 +17,12 @@ from . import BatchedDeltas, attach_batched, pack_parameters
 
 
 class RLRRBatched(BatchedDeltas):
-    """W' of every fused adapted Linear from the views of its block's pack."""
+    """W' of every fused adapted Linear from the views of its block's pack. Under autocast each
+    pack is cast once per step to the compute dtype (``cast_packs``; SSF's affines read the same
+    views) and ``W ⊙ (1 + s_out s_inᵀ)`` is formed from the held bf16 W in bf16: a scaling, not
+    an orthogonal product, whose fp32 form autocast would round to bf16 for the matmul anyway."""
+
+    cast_packs = True
 
     def __init__(self, packs, members):
         # members[i]: (pack index, unit index, AdaptedLinear)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import BatchedDeltas, attach_batched, pack_parameters
+from . import pack_modules
 
 
 def apply(model: nn.Module, method) -> None:
-    # in the order the method inserted them (method.affines)
-    pack = pack_parameters(model, [[a] for a in method.affines], name="ssf_pack", label="ssf")
-    attach_batched(model, "ssf_batched", BatchedDeltas(packs=[pack]))
+    pack_modules(model, method.affines, "ssf", label="ssf")  # in the order the method inserted them

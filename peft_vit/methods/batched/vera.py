@@ -31,7 +31,8 @@ class VeRABatched(BatchedDeltas):
             b = torch.stack([x.vera_b for x in deltas]).view(L, G, -1)
             a_in, b_out = first.projections()
             m = torch.einsum("lgi,oi,lgo,gn->lino", d, b_out, b, getattr(self, f"onehot_{u}")).reshape(L, d.shape[-1], -1)
-            out.extend((a_in.t(), mi, first.dropout) for mi in m.unbind(0))
+            a_t, m = self.cast(a_in.t(), m)
+            out.extend((a_t, mi, first.dropout) for mi in m.unbind(0))
         return out
 
     def forward_linear(self, lin, index, x):
