@@ -1,6 +1,7 @@
 """The README's "add a method in one file" example works as printed: registers, trains its own
 parameters only, starts at identity and merges exactly."""
 import re
+import shlex
 
 import torch
 from omegaconf import OmegaConf
@@ -74,5 +75,8 @@ def test_readme_set_up_is_venv_install_tests():
     block = text.split("## Set up\n")[1].split("```bash\n")[1].split("```")[0].splitlines()
     assert block[0] == "python -m venv .venv && source .venv/bin/activate"
     assert block[1] == "pip install -r requirements.txt"
-    assert block[2].startswith('pytest -m "not slow"  ') and "end-to-end" in block[2]
+    quick = shlex.split(block[2].split("#")[0])
+    assert quick[:3] == ["pytest", "-m", "not slow"] and "quick check" in block[2]
+    assert quick[3:] and all((REPO / f).is_file() for f in quick[3:])  # the quick check's files exist
+    assert block[3].startswith('pytest -m "not slow"  ') and "end-to-end" in block[3]
     assert '"slow:' in (REPO / "pyproject.toml").read_text()  # the marker the quick command deselects
