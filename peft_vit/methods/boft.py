@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..precision import like
 from .base import Method, Site, adapt_linears, register_method
 from .oft import SkewBlocks, block_dropout, cayley, check_block_size, rotate_inputs
 
@@ -75,7 +76,7 @@ class BOFTDelta(SkewBlocks):
         return weight
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        s = self.boft_s if self.boft_s.dtype == weight.dtype else self.boft_s.to(weight.dtype)
+        s = like(self.boft_s, weight.dtype)
         return s[:, None] * self.rotated(weight) - weight
 
 

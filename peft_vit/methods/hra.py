@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..precision import like
 from .base import Delta, Method, Site, adapt_linears, register_method
 
 INITS = ("symmetric", "random")
@@ -59,7 +60,7 @@ class HRADelta(Delta):
         self.register_buffer("wy_mask", -(torch.ones(rank, rank).triu(1) + 0.5 * torch.eye(rank)), persistent=False)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        u = self.hra_u if self.hra_u.dtype == weight.dtype else self.hra_u.to(weight.dtype)
+        u = like(self.hra_u, weight.dtype)
         if self.gram_schmidt:
             q = torch.linalg.qr(u).Q
             return (weight @ q) @ (-2 * q.t())

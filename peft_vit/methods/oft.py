@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..precision import like
 from .base import Delta, Method, Site, adapt_linears, register_method
 
 
@@ -120,7 +121,7 @@ class OFTDelta(SkewBlocks):
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         r = self.rotation()
-        return rotate_inputs(weight, r if r.dtype == weight.dtype else r.to(weight.dtype)) - weight
+        return rotate_inputs(weight, like(r, weight.dtype)) - weight
 
 
 @register_method("oft")

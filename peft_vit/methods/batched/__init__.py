@@ -266,8 +266,7 @@ def low_rank_output(lin: AdaptedLinear, x: torch.Tensor, left: torch.Tensor, rig
                     ) -> torch.Tensor:
     """``lin.base(x) + inner_dropout(input_dropout(x) @ left) @ right``, one ``addmm`` over the
     flattened tokens: a Linear whose batched update is a product of two factors (fact_tk, vera)."""
-    if x.dtype != left.dtype:
-        left, right = left.to(x.dtype), right.to(x.dtype)
+    left, right = like(left, x.dtype), like(right, x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     h = (x2 if input_dropout is None else input_dropout(x2)) @ left
     y = torch.addmm(lin.base(x2), h if inner_dropout is None else inner_dropout(h), right)
